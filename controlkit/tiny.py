@@ -1,0 +1,167 @@
+"""Small, real Stable Diffusion components built from configs, with no download.
+
+Two uses: the test suite (tiny U-Net, VAE, CLIP text encoder and a word-level CLIP tokenizer whose vocabulary is
+written here), and the embedded demo's base model, which is the same architecture family at a larger size.
+Every component is the real diffusers/transformers class, so everything that works on them works on SD1.5.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Words of the toy world's captions; any other word is spelled out letter by letter.
+DEFAULT_WORDS = tuple((
+    "a an and the on of in with floor background wall sky scene photo picture image drawing person figure "
+    "red green blue yellow orange purple pink cyan white black grey gray brown magenta "
+    "sphere spheres ball cube cubes box boxes cylinder cylinders cone cones circle circles ring torus "
+    "small large big tiny two three four one standing walking arms legs raised dark light bright"
+).split())
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.-'!?"
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes of a small latent diffusion model. Defaults are the test size (forward in a few ms on a CPU).
+
+    Attributes:
+        block_out_channels: U-Net channels per resolution (len = number of resolutions).
+        layers_per_block: resnets per U-Net block.
+        cross_attention_dim: width of the text encoder (and of the U-Net's cross-attention).
+        text_layers: transformer layers of the text encoder.
+        vae_channels: VAE channels per resolution (len - 1 downsamplings: 2 -> x2, 3 -> x4, 4 -> x8).
+        sample_size: latent side the U-Net is configured for (informational in diffusers).
+        words: the tokenizer's word list.
+    """
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    cross_attention_dim: int = 32
+    text_layers: int = 2
+    vae_channels: tuple[int, ...] = (32, 64)
+    sample_size: int = 32
+    attention_head_dim: int = 8
+    words: tuple[str, ...] = DEFAULT_WORDS
+
+
+def tokenizer_files(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP BPE vocabulary and merges in which every listed word is one token.
+
+    Letters are in the vocabulary (with and without the end-of-word mark '</w>'), so any text tokenises. Each
+    word is built by left-to-right merges of its prefixes, so every merge result is in the vocabulary.
+    """
+    tokens: list[str] = [BOS, EOS]
+    for letter in _LETTERS:
+        tokens += [letter, letter + "</w>"]
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(w.lower() for w in words)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        built = pieces[0]
+        for piece in pieces[1:]:
+            merge = (built, piece)
+            built += piece
+            if merge not in merges:
+                merges.append(merge)
+            if built not in tokens:
+                tokens.append(built)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return vocab, merges
+
+
+def build_tokenizer(words: Iterable[str] = DEFAULT_WORDS, directory: str | Path | None = None) -> Any:
+    """A transformers `CLIPTokenizer` over `words` (model_max_length 77); saved to `directory` if given."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tokenizer_files(words)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    if directory is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "vocab.json").write_text(json.dumps(vocab))
+        merge_lines = "\n".join(" ".join(pair) for pair in merges)
+        (Path(directory) / "merges.txt").write_text(f"#version: 0.2\n{merge_lines}\n")
+        tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def build_components(config: TinyConfig = TinyConfig(), *, seed: int = 0) -> dict[str, Any]:
+    """Randomly initialised (seeded) SD components of the given size.
+
+    Returns:
+        dict with keys unet, vae, text_encoder, tokenizer, scheduler: the arguments of diffusers'
+        Stable Diffusion pipelines (besides the ControlNet). Latents have 4 channels; the VAE downsamples by
+        2 ** (len(vae_channels) - 1).
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    levels = len(config.block_out_channels)
+    tokenizer = build_tokenizer(config.words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=config.sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=config.cross_attention_dim,
+        attention_head_dim=config.attention_head_dim,
+        norm_num_groups=min(32, config.block_out_channels[0]),
+    )
+    torch.manual_seed(seed + 1)
+    vae_levels = len(config.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
+        block_out_channels=config.vae_channels,
+        latent_channels=4,
+        norm_num_groups=min(32, config.vae_channels[0]),
+        sample_size=config.sample_size * 2 ** (vae_levels - 1),
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.cross_attention_dim,
+            intermediate_size=config.cross_attention_dim * 4,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=max(1, config.cross_attention_dim // 16),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = _sd_scheduler()
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _sd_scheduler() -> Any:
+    """DDPM with Stable Diffusion 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+
+
+def save_components(components: dict[str, Any], directory: str | Path) -> Path:
+    """Write components as a diffusers folder (model_index.json + one sub-folder each) loadable by diffusers'
+    `StableDiffusionPipeline.from_pretrained` and by `controlkit generate --base`."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipeline.save_pretrained(str(directory), safe_serialization=True)
+    return Path(directory)
