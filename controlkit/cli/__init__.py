@@ -1,0 +1,57 @@
+"""The `controlkit` command: one small module per subcommand, each with `add_parser(subparsers)` and
+`run(args) -> int`.
+
+Exit status: 0 success, 1 a user-fixable error (one line on stderr, no traceback) or a partly failed run,
+2 a usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from controlkit.errors import ControlkitError
+
+#: Subcommand modules under controlkit.cli, in the order `--help` lists them.
+COMMANDS = ("demo", "annotate", "preprocessors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="controlkit",
+        description="Spatial control of Stable Diffusion with ControlNet: annotate, generate, train.",
+        epilog="Run `controlkit COMMAND --help` for the options and examples of each command.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"controlkit.cli.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except argparse.ArgumentTypeError as error:  # a malformed KEY=VALUE option found after parsing
+        print(f"controlkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ControlkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from controlkit import __version__
+
+    return f"controlkit {__version__}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
