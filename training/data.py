@@ -1,0 +1,292 @@
+"""Paired training data: (target image, condition map, caption) -> tensors, with bad pairs skipped or fatal.
+
+    >>> from training.data import PairedDataset, collate_pairs, load_pairs, make_condition_fn
+    >>> pairs = load_pairs("fill50k/prompt.json")                      # formats: training/data_sources.py
+    >>> dataset = PairedDataset(pairs, resolution=512)
+    >>> batch = collate_pairs([dataset[0], dataset[1]])
+    >>> batch["pixel_values"].shape, batch["conditioning_pixel_values"].shape
+    (torch.Size([2, 3, 512, 512]), torch.Size([2, 3, 512, 512]))
+
+Every image and condition goes through `controlkit.image.load_image` (one normaliser: EXIF orientation,
+16-bit, alpha, corrupt files). Both get the same spatial transform, as diffusers' `train_controlnet.py`: the
+short side resized to `resolution`, then a centre crop (or one random crop, shared by the pair). Maps
+computed by a preprocessor are computed on the resized, uncropped image, i.e. at the resolution the model
+sees, as users annotate at generation size; see training/conditions.py for the cache and randomisation.
+
+A bad pair (missing or corrupt file, a condition whose aspect ratio differs from the image's, an empty
+caption, no condition and no preprocessor) is skipped: `__getitem__` returns None, the pair is appended to
+`dataset.bad_pairs`, and `collate_pairs` counts it in `batch["skipped"]`. With `on_bad_pair="fail"` it
+raises a `ControlkitError` naming the pair. In DataLoader worker processes each worker has its own copy of
+`bad_pairs`; the per-batch `skipped` count is what reaches the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from controlkit.errors import ConfigError, ControlkitError
+from training.conditions import ConditionCache, make_condition_fn, source_identity
+from training.data_sources import DatasetCell, Pair, load_pairs
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+__all__ = ["Pair", "PairedDataset", "collate_pairs", "load_pairs", "make_condition_fn", "pair_problems"]
+
+logger = logging.getLogger(__name__)
+
+#: How far (in pixels of the larger of the two) a condition may be from the image's aspect ratio: sizes
+#: that differ only by a uniform scale (a 1024 photo with a 512 map) align after resizing.
+ASPECT_TOLERANCE_PX = 1.0
+
+BAD_PAIR_POLICIES = ("skip", "fail")
+
+
+class PairedDataset:
+    """A map-style dataset of pairs for `torch.utils.data.DataLoader` (use `collate_fn=collate_pairs`).
+
+    Args:
+        pairs: from `load_pairs`.
+        resolution: side of the square crop, a multiple of 8.
+        center_crop: centre crop (default, as diffusers); False takes one random crop per (seed, epoch, index).
+        condition_fn: computes the map for pairs without one: `fn(rgb (H, W, 3) uint8, rng) -> (H, W, 3)
+            uint8`, e.g. from `make_condition_fn`. Pairs that have a map keep it.
+        cache_dir: where computed maps are cached (only for functions with a `cache_key`).
+        on_bad_pair: "skip" (return None and record it) or "fail" (raise).
+        seed: with `epoch` and the index, seeds the random crop and randomised condition parameters.
+
+    Items: dict(pixel_values=(3, R, R) float32 in [-1, 1], conditioning_pixel_values=(3, R, R) float32 in
+    [0, 1], prompt=str, index=int), or None for a skipped bad pair.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        *,
+        resolution: int,
+        center_crop: bool = True,
+        condition_fn: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+        cache_dir: str | None = None,
+        on_bad_pair: str = "skip",
+        seed: int = 0,
+    ):
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 8:
+            raise ConfigError(f"`resolution` must be a positive multiple of 8, got {resolution!r}")
+        if on_bad_pair not in BAD_PAIR_POLICIES:
+            raise ConfigError(f"`on_bad_pair` must be one of {', '.join(BAD_PAIR_POLICIES)}, got {on_bad_pair!r}")
+        self.pairs = list(pairs)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.condition_fn = condition_fn
+        self.cache = ConditionCache(cache_dir) if cache_dir is not None else None
+        self.on_bad_pair = on_bad_pair
+        self.seed = seed
+        self.epoch = 0
+        self.bad_pairs: list[tuple[str, str]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops and condition parameters `__getitem__` draws.
+
+        Call it before each epoch (DataLoader workers copy the dataset when an epoch's iteration starts, so
+        use `persistent_workers=False`, the default, for the new value to reach them).
+        """
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        pair = self.pairs[index]
+        try:
+            return self._item(pair, index)
+        except ControlkitError as error:
+            if self.on_bad_pair == "fail":
+                raise ControlkitError(
+                    f"bad pair {pair.key!r}: {error}; fix or remove it, or skip bad pairs (on_bad_pair='skip')"
+                ) from None
+            self.bad_pairs.append((pair.key, str(error)))
+            logger.warning("skipping bad pair %r: %s", pair.key, error)
+            return None
+
+    def generators(self, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+        """Independent (crop, condition) generators for one (seed, epoch, index)."""
+        import numpy as np
+
+        crop_seed, condition_seed = np.random.SeedSequence([self.seed, self.epoch, index]).spawn(2)
+        return np.random.default_rng(crop_seed), np.random.default_rng(condition_seed)
+
+    def _item(self, pair: Pair, index: int) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        prompt = _check_caption(pair.prompt)
+        crop_rng, condition_rng = self.generators(index)
+        image_source = _source(pair.image)
+        image = read_image(image_source, "image")
+        if pair.condition is not None:
+            condition = read_image(_source(pair.condition), "condition")
+            check_alignment(image, condition)
+            condition = _resize_short_side(_match_size(condition, image), self.resolution)
+            image = _resize_short_side(image, self.resolution)
+        elif self.condition_fn is not None:
+            image = _resize_short_side(image, self.resolution)
+            condition = self._computed_condition(image, image_source, condition_rng)
+        else:
+            raise ControlkitError("no condition map, and no preprocessor configured to compute one")
+        top, left = self._crop_origin(image.shape[:2], crop_rng)
+        size = self.resolution
+        image = image[top : top + size, left : left + size]
+        condition = condition[top : top + size, left : left + size]
+        pixel_values = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 127.5 - 1.0
+        conditioning = torch.from_numpy(np.ascontiguousarray(condition.transpose(2, 0, 1))).float() / 255.0
+        return {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning, "prompt": prompt, "index": index}
+
+    def _computed_condition(self, image: np.ndarray, source: Any, rng: np.random.Generator) -> np.ndarray:
+        function_key = getattr(self.condition_fn, "cache_key", None)
+        source_id = source_identity(source)
+        cache_path = None
+        if self.cache is not None and function_key is not None and source_id is not None:
+            cache_path = self.cache.path_for(function_key, source_id, self.resolution)
+            cached = self.cache.get(cache_path)
+            if cached is not None and cached.shape == image.shape:
+                return cached
+        condition = _as_map(self.condition_fn(image, rng), image)
+        if cache_path is not None:
+            self.cache.put(cache_path, condition, function_key)
+        return condition
+
+    def _crop_origin(self, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+        height, width = shape
+        if self.center_crop:
+            return (height - self.resolution) // 2, (width - self.resolution) // 2
+        return int(rng.integers(0, height - self.resolution + 1)), int(rng.integers(0, width - self.resolution + 1))
+
+
+def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack dataset items into a batch, dropping skipped (None) ones.
+
+    Returns:
+        dict(pixel_values=(B, 3, R, R), conditioning_pixel_values=(B, 3, R, R), prompts=list[str],
+        indices=list[int], skipped=int). A batch whose items were all bad has B = 0 (tensors of shape
+        (0, 3, 0, 0)); the training step should skip it.
+    """
+    import torch
+
+    kept = [item for item in items if item is not None]
+    if not kept:
+        empty = torch.zeros((0, 3, 0, 0))
+        return {
+            "pixel_values": empty, "conditioning_pixel_values": empty.clone(), "prompts": [], "indices": [],
+            "skipped": len(items),
+        }
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in kept]),
+        "conditioning_pixel_values": torch.stack([item["conditioning_pixel_values"] for item in kept]),
+        "prompts": [item["prompt"] for item in kept],
+        "indices": [int(item["index"]) for item in kept],
+        "skipped": len(items) - len(kept),
+    }
+
+
+def pair_problems(pair: Pair, *, conditions_computed: bool = False) -> list[str]:
+    """Every problem of one pair, found by decoding its files fully (what `controlkit dataset check` runs).
+
+    Args:
+        pair: the pair.
+        conditions_computed: a preprocessor will compute missing maps, so a pair without one is fine.
+
+    Returns:
+        One line per problem (empty: a good pair).
+    """
+    problems = []
+    try:
+        _check_caption(pair.prompt)
+    except ControlkitError as error:
+        problems.append(str(error))
+    image = condition = None
+    try:
+        image = read_image(_source(pair.image), "image")
+    except ControlkitError as error:
+        problems.append(str(error))
+    if pair.condition is None:
+        if not conditions_computed:
+            problems.append("no condition map, and no preprocessor configured to compute one")
+    else:
+        try:
+            condition = read_image(_source(pair.condition), "condition")
+        except ControlkitError as error:
+            problems.append(str(error))
+    if image is not None and condition is not None:
+        try:
+            check_alignment(image, condition)
+        except ControlkitError as error:
+            problems.append(str(error))
+    return problems
+
+
+def read_image(source: Any, role: str) -> np.ndarray:
+    """`load_image` with the role ("image" or "condition") in the error message."""
+    from controlkit.image import load_image
+
+    try:
+        return load_image(source)
+    except ControlkitError as error:
+        raise ControlkitError(f"{role}: {error}") from None
+
+
+def check_alignment(image: np.ndarray, condition: np.ndarray) -> None:
+    """Raise unless the condition is the image's size or a uniform scale of it (same aspect ratio)."""
+    image_h, image_w = image.shape[:2]
+    cond_h, cond_w = condition.shape[:2]
+    if (image_h, image_w) == (cond_h, cond_w):
+        return
+    # Scale the smaller onto the larger and allow one pixel of rounding on the other side.
+    scale = max(image_w, cond_w) / min(image_w, cond_w)
+    small_h, large_h = (image_h, cond_h) if image_w <= cond_w else (cond_h, image_h)
+    if abs(small_h * scale - large_h) > ASPECT_TOLERANCE_PX * max(1.0, scale):
+        raise ControlkitError(
+            f"size mismatch: image is {image_w}x{image_h} but condition is {cond_w}x{cond_h} (different aspect "
+            "ratio, so they cannot be aligned); recompute the map from this image"
+        )
+
+
+def _check_caption(prompt: Any) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ControlkitError("empty caption; write one for this image")
+    return prompt.strip()
+
+
+def _source(reference: Any) -> Any:
+    return reference.read() if isinstance(reference, DatasetCell) else reference
+
+
+def _match_size(condition: np.ndarray, image: np.ndarray) -> np.ndarray:
+    from controlkit.image import resize_to
+
+    return resize_to(condition, (image.shape[1], image.shape[0]))
+
+
+def _resize_short_side(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Short side to `resolution` (area when shrinking, bilinear when enlarging), aspect ratio kept."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = resolution / min(height, width)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size == (width, height):
+        return image
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interpolation)
+
+
+def _as_map(condition: Any, image: np.ndarray) -> np.ndarray:
+    """A condition function's output as RGB uint8 of the image's size."""
+    import numpy as np
+
+    from controlkit.image import load_image
+
+    condition = load_image(np.asarray(condition))
+    return _match_size(condition, image)
