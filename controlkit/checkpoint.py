@@ -1,0 +1,378 @@
+"""Loading, saving and inspecting ControlNet checkpoints in every format users have.
+
+Formats read (recognised by content, see `safe_load`):
+- a diffusers folder (config.json + diffusion_pytorch_model.safetensors, or a pipeline folder's controlnet/);
+- a diffusers single .safetensors file;
+- the original lllyasviel format: ControlNet 1.0 full-model files (`control_model.*` plus the whole SD model)
+  and 1.1 control-only files (`control_model.*` or bare keys), as .safetensors or .pth/.ckpt;
+- a hub id, only when the caller passes one explicitly.
+Formats written: a diffusers folder, or one original-format .safetensors file (what A1111 and ComfyUI load).
+Condition metadata is written into the safetensors header and into config.json; original files also carry the
+diffusers config in their header, so our own exports load back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from controlkit.controlnet import CONFIG_METADATA_KEY, METADATA_KEY, ConditionMetadata, base_family, infer_config
+from controlkit.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from controlkit.original_format import CONTROL_PREFIX, OriginalLayout, from_original, to_original
+from controlkit.safe_load import read_tensors
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+DIFFUSERS_FOLDER = "diffusers folder"
+DIFFUSERS_FILE = "diffusers single file"
+ORIGINAL_FULL = "original ControlNet 1.0 (ControlNet + Stable Diffusion)"
+ORIGINAL = "original (ControlNet only)"
+
+#: Header metadata key of the diffusers config inside original-format files written here.
+CONFIG_KEY = "controlkit_config"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+#: Weights files of a diffusers folder, in order of preference (pickles go through the weights-only reader).
+_FOLDER_WEIGHTS = (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
+                   "diffusion_pytorch_model.fp16.bin")
+#: Key prefixes of the Stable Diffusion model inside full checkpoints; never loaded as ControlNet weights.
+_SD_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.")
+#: ControlNet parts that are copies of the U-Net's (same names in both models).
+_ENCODER_PREFIXES = ("conv_in.", "time_embedding.", "class_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
+
+
+@dataclass
+class ReadCheckpoint:
+    """A checkpoint's tensors under diffusers names, with its config and metadata (nothing instantiated).
+
+    Attributes:
+        path: the file or folder read.
+        format: DIFFUSERS_FOLDER, DIFFUSERS_FILE, ORIGINAL_FULL or ORIGINAL.
+        state_dict: diffusers key -> tensor (CPU, stored dtype).
+        config: the `ControlNetModel` config.
+        config_stored: True if the config came with the file, False if it was inferred from the weights.
+        metadata: the condition metadata (stored, else guessed from the file name, else empty).
+        metadata_source: 'stored', 'file name' or 'none'.
+    """
+
+    path: Path
+    format: str
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    config_stored: bool
+    metadata: ConditionMetadata
+    metadata_source: str
+
+
+@dataclass
+class CheckpointInfo:
+    """What `controlkit info` reports about a checkpoint."""
+
+    path: Path
+    format: str
+    metadata: ConditionMetadata
+    metadata_source: str
+    parameter_count: int
+    tensor_count: int
+    dtype: str
+    family: str
+    cross_attention_dim: int | None
+    conditioning_channels: int
+    config_stored: bool
+
+
+def load_controlnet(
+    source: str | os.PathLike,
+    *,
+    unet: UNet2DConditionModel | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> tuple[ControlNetModel, ConditionMetadata]:
+    """A ready `ControlNetModel` (eval mode, CPU) and its condition metadata from any supported format.
+
+    Args:
+        source: a diffusers folder, a .safetensors/.pth/.ckpt file, or a hub id 'org/name'.
+        unet: the U-Net it will run with. The ControlNet must fit its encoder (same shapes), and for files without
+            a config, the attention settings are taken from it.
+        torch_dtype: dtype of the returned model; default: the U-Net's dtype if given, else the stored dtype.
+
+    Raises:
+        WeightsNotFoundError: nothing at `source`.
+        CheckpointError: not a ControlNet, damaged, keys or shapes that do not match, non-finite values, or a
+            checkpoint for a different base than `unet`.
+        UnsafeCheckpointError: a pickle that would run code.
+    """
+    read = read_checkpoint(source)
+    if unet is not None:
+        check_fits_unet(read, unet)
+        if not read.config_stored:
+            read = replace(read, config=_config_from_unet(unet, read.config))
+    dtype = torch_dtype or (unet.dtype if unet is not None else None)
+    if dtype is not None:  # cast the tensors, not the model: ModelMixin.to warns about fp32-pinned modules
+        read.state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read.state_dict.items()}
+    return _instantiate(read), read.metadata
+
+
+def read_checkpoint(source: str | os.PathLike) -> ReadCheckpoint:
+    """Tensors (diffusers names), config and metadata of a ControlNet checkpoint, validated against the config."""
+    from controlkit.weights import resolve_weights
+
+    path = resolve_weights("ControlNet", source, hint="pass a diffusers folder or a .safetensors/.pth file")
+    read = _read_folder(path) if path.is_dir() else _read_file(path)
+    if read.config.get("global_pool_conditions") and not read.metadata.global_pooling:
+        read.metadata = replace(read.metadata, global_pooling=True, conditional_only=True)
+    read.config["global_pool_conditions"] = read.metadata.global_pooling
+    _check_against_config(read)
+    _check_finite(read)
+    return read
+
+
+def _read_folder(path: Path) -> ReadCheckpoint:
+    folder = path / "controlnet" if (path / "controlnet" / "config.json").is_file() else path
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightsNotFoundError(f"{path} is a folder without config.json; pass a diffusers ControlNet folder "
+                                   "or a weights file")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not valid JSON ({error})") from None
+    class_name = config.get("_class_name", "ControlNetModel")
+    if class_name != "ControlNetModel":
+        raise CheckpointError(f"{config_path} describes a {class_name}, not a ControlNetModel")
+    state_dict, header = _read_folder_weights(folder)
+    stored = config.get(CONFIG_METADATA_KEY) or config.get(METADATA_KEY)
+    metadata = ConditionMetadata.from_dict(stored) if stored is not None else ConditionMetadata.from_metadata(header)
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k != METADATA_KEY}
+    return _with_metadata(folder, DIFFUSERS_FOLDER, state_dict, config, True, metadata)
+
+
+def _read_folder_weights(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state_dict: dict[str, Any] = {}
+        header: dict[str, str] = {}
+        for shard in shards:
+            raw = read_tensors(folder / shard)
+            state_dict.update(raw.tensors)
+            header = header or raw.metadata
+        return state_dict, header
+    for name in _FOLDER_WEIGHTS:
+        if (folder / name).is_file():
+            raw = read_tensors(folder / name)
+            return raw.tensors, raw.metadata
+    raise WeightsNotFoundError(f"{folder} has config.json but no weights ({WEIGHTS_NAME}); copy the weights file there")
+
+
+def _read_file(path: Path) -> ReadCheckpoint:
+    raw = read_tensors(path, keep=lambda key: not key.startswith(_SD_PREFIXES))
+    stored_config = json.loads(raw.metadata[CONFIG_KEY]) if CONFIG_KEY in raw.metadata else None
+    keys = raw.tensors.keys()
+    if any(key.startswith((CONTROL_PREFIX, "input_hint_block.")) for key in keys):
+        layout = OriginalLayout.from_config(stored_config) if stored_config else None
+        state_dict = from_original(raw.tensors, layout)
+        kind = ORIGINAL_FULL if raw.skipped else ORIGINAL
+    elif "controlnet_cond_embedding.conv_in.weight" in keys:
+        state_dict, kind = raw.tensors, DIFFUSERS_FILE
+    elif raw.skipped:
+        raise CheckpointError(f"{path} is a Stable Diffusion checkpoint without ControlNet weights; pass a "
+                              "ControlNet file (control_*.safetensors/.pth or a diffusers ControlNet)")
+    else:
+        shown = ", ".join(sorted(keys)[:3])
+        raise CheckpointError(f"{path} is not a ControlNet checkpoint (no conditioning encoder; keys start {shown})")
+    config = stored_config or infer_config(state_dict)
+    metadata = ConditionMetadata.from_metadata(raw.metadata)
+    return _with_metadata(path, kind, state_dict, config, stored_config is not None, metadata)
+
+
+def _with_metadata(path: Path, kind: str, state_dict: dict, config: dict, config_stored: bool,
+                   metadata: ConditionMetadata | None) -> ReadCheckpoint:
+    if metadata is not None:
+        return ReadCheckpoint(path, kind, state_dict, config, config_stored, metadata, "stored")
+    guessed = guess_metadata(path.name)
+    source = "file name" if guessed.condition else "none"
+    return ReadCheckpoint(path, kind, state_dict, config, config_stored, guessed, source)
+
+
+def guess_metadata(name: str) -> ConditionMetadata:
+    """Condition metadata from a lllyasviel file name ('control_v11p_sd15_canny.pth' -> condition 'canny').
+
+    Shuffle models average their residuals over space and act on the conditional side only (ControlNet 1.1).
+    """
+    import re
+
+    stem = name.lower().split(".")[0]
+    match = re.match(r"control_(?:v11[a-z0-9]*_)?sd[a-z0-9]*_([a-z0-9_]+?)(?:[-_]fp16)?$", stem)
+    if match is None:
+        return ConditionMetadata()
+    condition = match.group(1)
+    shuffle = condition == "shuffle"
+    return ConditionMetadata(condition=condition, global_pooling=shuffle, conditional_only=shuffle)
+
+
+def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a ControlNetModel with this config, built on the meta device (no memory)."""
+    model = _empty_model(config)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def _empty_model(config: dict[str, Any]) -> ControlNetModel:
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+
+    try:
+        with init_empty_weights():
+            return ControlNetModel.from_config(config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"the stored ControlNet config is invalid ({error})") from None
+
+
+def _check_against_config(read: ReadCheckpoint) -> None:
+    """Key count, names and every tensor's shape against the model the config describes."""
+    expected = _expected_shapes(read.config)
+    found = read.state_dict
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{read.path}: {len(found)} tensors do not match the {len(expected)} of this ControlNet config: "
+            f"{len(missing)} missing ({_first(missing)}), {len(unexpected)} unexpected ({_first(unexpected)})"
+        )
+    wrong = [key for key in expected if tuple(found[key].shape) != expected[key]]
+    if wrong:
+        key = wrong[0]
+        raise CheckpointError(
+            f"{read.path}: {len(wrong)} tensors have the wrong shape, first {key}: "
+            f"{tuple(found[key].shape)} in the file, {expected[key]} in the model"
+        )
+
+
+def _check_finite(read: ReadCheckpoint) -> None:
+    import torch
+
+    bad = [key for key, value in read.state_dict.items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(f"{read.path}: {len(bad)} tensors hold NaN or Inf values ({_first(bad)}); "
+                              "the checkpoint is damaged")
+
+
+def check_fits_unet(read: ReadCheckpoint, unet: UNet2DConditionModel) -> None:
+    """The ControlNet's copy of the encoder must have the U-Net's encoder shapes, key for key."""
+    ours = {k: tuple(v.shape) for k, v in read.state_dict.items() if k.startswith(_ENCODER_PREFIXES)}
+    theirs = {k: tuple(v.shape) for k, v in unet.state_dict().items() if k.startswith(_ENCODER_PREFIXES)}
+    differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differing:
+        key = differing[0]
+        raise CheckpointError(
+            f"{read.path}: checkpoint is for a different base: the ControlNet is {base_family(read.config)}, "
+            f"the U-Net is {base_family(unet.config)}; {len(differing)} encoder tensors differ, first {key}: "
+            f"{ours.get(key, 'absent')} in the ControlNet, {theirs.get(key, 'absent')} in the U-Net"
+        )
+
+
+def _config_from_unet(unet: UNet2DConditionModel, inferred: dict[str, Any]) -> dict[str, Any]:
+    """The config `from_unet` gives for this U-Net, with the conditioning encoder read from the weights."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+
+    with init_empty_weights():
+        model = ControlNetModel.from_unet(
+            unet,
+            load_weights_from_unet=False,
+            conditioning_channels=inferred["conditioning_channels"],
+            conditioning_embedding_out_channels=tuple(inferred["conditioning_embedding_out_channels"]),
+        )
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    config["global_pool_conditions"] = inferred.get("global_pool_conditions", False)
+    return config
+
+
+def _instantiate(read: ReadCheckpoint) -> ControlNetModel:
+    model = _empty_model(read.config)
+    model.load_state_dict(read.state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def save_controlnet(
+    controlnet: ControlNetModel,
+    directory: str | os.PathLike,
+    metadata: ConditionMetadata,
+    *,
+    original: bool = False,
+) -> Path:
+    """Write a ControlNet with its condition metadata; returns the folder or file written.
+
+    Args:
+        directory: the diffusers folder to write (config.json + diffusion_pytorch_model.safetensors); with
+            `original=True`, the path of the single .safetensors file to write.
+        original: write the original key format (`control_model.*`) that A1111 and ComfyUI load.
+
+    Files are written under a temporary name and renamed, so an interrupted save never leaves a partial file.
+    """
+    config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
+    config["global_pool_conditions"] = metadata.global_pooling
+    state_dict = {key: value.detach().contiguous() for key, value in controlnet.state_dict().items()}
+    header = {"format": "pt", **metadata.to_metadata()}
+    target = Path(directory)
+    if original:
+        if target.suffix.lower() != ".safetensors":
+            raise ConfigError(f"{target}: the original format is one file; give a path ending in .safetensors")
+        header[CONFIG_KEY] = json.dumps(config)
+        _write_safetensors(to_original(state_dict, config), target, header)
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    from diffusers import ControlNetModel
+
+    full_config = {"_class_name": ControlNetModel.__name__, **config, CONFIG_METADATA_KEY: metadata.to_dict()}
+    _write_atomically(target / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(full_config, indent=2)))
+    _write_safetensors(state_dict, target / WEIGHTS_NAME, header)
+    return target
+
+
+def _write_safetensors(tensors: dict[str, Any], path: Path, header: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def inspect_checkpoint(source: str | os.PathLike) -> CheckpointInfo:
+    """Format, metadata, size and base family of a checkpoint, after the same validation as loading."""
+    read = read_checkpoint(source)
+    dtypes = sorted({str(value.dtype).replace("torch.", "") for value in read.state_dict.values()})
+    return CheckpointInfo(
+        path=read.path,
+        format=read.format,
+        metadata=read.metadata,
+        metadata_source=read.metadata_source,
+        parameter_count=sum(value.numel() for value in read.state_dict.values()),
+        tensor_count=len(read.state_dict),
+        dtype="/".join(dtypes),
+        family=base_family(read.config),
+        cross_attention_dim=read.config.get("cross_attention_dim"),
+        conditioning_channels=int(read.config.get("conditioning_channels", 3)),
+        config_stored=read.config_stored,
+    )
+
+
+def _first(keys: list[str], count: int = 3) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
