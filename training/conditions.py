@@ -63,10 +63,11 @@ class PreprocessorCondition:
                 drawn[name] = int(rng.integers(int(low), int(high) + 1))
             else:
                 drawn[name] = float(rng.uniform(low, high))
-        for name in list(drawn):
-            partner = "high_" + name[4:] if name.startswith("low_") else None
-            if partner in drawn and drawn[name] > drawn[partner]:
-                drawn[name], drawn[partner] = drawn[partner], drawn[name]
+        for low_name in {_low_partner(name) for name in self.randomize}:
+            high_name = "high_" + low_name[4:]
+            ordered = low_name not in drawn or high_name not in drawn or drawn[low_name] <= drawn[high_name]
+            if low_name.startswith("low_") and not ordered:
+                drawn[low_name], drawn[high_name] = drawn[high_name], drawn[low_name]
         return drawn
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -93,6 +94,11 @@ class PreprocessorCondition:
 
     def __repr__(self) -> str:
         return f"PreprocessorCondition({self.preprocessor!r}, params={self.params}, randomize={self.randomize})"
+
+
+def _low_partner(name: str) -> str:
+    """`high_X` -> `low_X`; other names map to themselves (and have no `high_` partner unless `low_X`)."""
+    return "low_" + name[5:] if name.startswith("high_") else name
 
 
 def make_condition_fn(

@@ -142,7 +142,9 @@ class PairedDataset:
         condition = condition[top : top + size, left : left + size]
         pixel_values = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 127.5 - 1.0
         conditioning = torch.from_numpy(np.ascontiguousarray(condition.transpose(2, 0, 1))).float() / 255.0
-        return {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning, "prompt": prompt, "index": index}
+        return {
+            "pixel_values": pixel_values, "conditioning_pixel_values": conditioning, "prompt": prompt, "index": index,
+        }
 
     def _computed_condition(self, image: np.ndarray, source: Any, rng: np.random.Generator) -> np.ndarray:
         function_key = getattr(self.condition_fn, "cache_key", None)
