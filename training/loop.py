@@ -1,0 +1,181 @@
+"""The training loop: optimizer steps over the sampler's global batches, with checkpoints, validation, logging,
+signal handling and non-finite-loss skipping.
+
+Faults:
+- SIGTERM, SIGINT and SIGUSR1 (Slurm's warning signal) only set a flag. At the next step boundary the processes
+  agree on it (a process that stopped alone would hang the others), save a checkpoint and return; the command
+  then exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+- A non-finite loss on any process skips the optimizer step on all of them (no update, gradients dropped) and is
+  counted; after `train.max_consecutive_nonfinite` in a row the run stops with an error. Weights are never
+  updated from a non-finite gradient, so no checkpoint ever holds one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from controlkit.errors import ControlkitError
+from training.inputs import draw_step
+from training.sampler import ProcessBatches, epoch_ranges
+from training.step import training_loss
+
+if TYPE_CHECKING:
+    from training.trainer import Run
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
+class TrainingDiverged(ControlkitError):
+    """Too many non-finite losses in a row."""
+
+
+class StopFlag:
+    """Catches the stop signals while active (main thread only): the handler records the signal, nothing else."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def agreed(self, accelerator: Any) -> int:
+        """The signal number if any process was signalled (the same answer on every process), else 0."""
+        return int(_reduce_max(accelerator, float(self.signum)))
+
+
+@dataclass
+class LoopState:
+    step: int
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    overflow_skips: int = 0
+    skipped_pairs: int = 0
+    stopped_by: int = 0
+    recent_losses: list[float] = field(default_factory=list)
+
+
+def run_loop(run: "Run", start_step: int) -> LoopState:
+    """Train from optimizer step `start_step` to `train.max_steps` (or until a stop signal)."""
+    config, accelerator = run.config, run.accelerator
+    state = LoopState(step=start_step)
+    progress = _progress_bar(run, start_step)
+    window_start, window_steps = time.perf_counter(), 0
+    with StopFlag() as stop:
+        for epoch, first, last in epoch_ranges(run.sampler, start_step, config.train.max_steps):
+            micro_batches = iter(run.loader(epoch, first, last))
+            for step in range(first, last):
+                loss = optimizer_step(run, step, micro_batches, state)
+                state.step, window_steps = step + 1, window_steps + 1
+                if loss is not None:
+                    state.recent_losses.append(loss)
+                if state.step % config.logging.every_steps == 0 or state.step == config.train.max_steps:
+                    rate = window_steps * run.layout.global_batch / (time.perf_counter() - window_start)
+                    run.log_metrics(state, rate, progress)
+                    window_start, window_steps, state.recent_losses = time.perf_counter(), 0, []
+                progress.update(1)
+                state.stopped_by = stop.agreed(accelerator)
+                if state.stopped_by or _due(state.step, config.checkpoint.every_steps):
+                    run.save_checkpoint(state)
+                if state.stopped_by:
+                    break
+                if _due(state.step, config.validation.every_steps):
+                    run.validate(state.step, should_stop=lambda: bool(stop.signum))
+            if state.stopped_by:
+                break
+    progress.close()
+    return state
+
+
+def optimizer_step(run: "Run", step: int, micro_batches: Any, state: LoopState) -> float | None:
+    """Accumulate the micro-batches of one optimizer step and apply the update; returns the mean loss, or None
+    when the step was skipped."""
+    accelerator, layout = run.accelerator, run.layout
+    draws = draw_step(run.generator, layout.global_batch, run.encoder.latent_shape,
+                      run.parts.noise_scheduler.config.num_train_timesteps, run.config.data.proportion_empty_prompts)
+    positions = {index: position for position, index in enumerate(run.sampler.step_indices(step))}
+    losses, finite = [], True
+    for _ in range(layout.accumulation):
+        batch = next(micro_batches)
+        state.skipped_pairs += batch["skipped"]
+        with accelerator.accumulate(*run.forward_modules.values()):
+            if not finite:
+                continue  # consume the step's batches so the data position stays exact
+            inputs = run.encoder.inputs(batch, draws, positions)
+            controlnet = run.forward_modules.get("controlnet")
+            with accelerator.autocast():
+                loss = training_loss(run.unet_forward, controlnet, run.parts.noise_scheduler, inputs,
+                                     only_mid_control=run.config.model.only_mid_control)
+            if _reduce_max(accelerator, 0.0 if bool(loss.isfinite()) else 1.0):
+                finite = False
+                continue
+            accelerator.backward(loss)
+            losses.append(loss.detach())
+    if finite:
+        finite = apply_update(run, state)
+    run.optimizer.zero_grad(set_to_none=True)
+    if not finite:
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_total += 1
+        if state.nonfinite_in_a_row >= run.config.train.max_consecutive_nonfinite:
+            raise TrainingDiverged(
+                f"{state.nonfinite_in_a_row} non-finite losses in a row at step {step + 1} (each step was skipped, "
+                "the weights are unchanged); lower optim.learning_rate, use train.mixed_precision='bf16' or 'no', "
+                "or check the data"
+            )
+        return None
+    state.nonfinite_in_a_row = 0
+    return float(sum(loss.item() for loss in losses) / len(losses))
+
+
+def apply_update(run: "Run", state: LoopState) -> bool:
+    """Clip, check the gradient norm, step the optimizer, the LR schedule and the EMA. False: skipped (non-finite)."""
+    accelerator = run.accelerator
+    max_norm = run.config.train.max_grad_norm or math.inf
+    norm = accelerator.clip_grad_norm_(run.parameters, max_norm)
+    scaled = accelerator.scaler is not None  # fp16: the grad scaler skips overflowing steps and lowers its scale
+    if not scaled and norm is not None and not math.isfinite(float(norm)):
+        return False
+    run.optimizer.step()
+    if accelerator.optimizer_step_was_skipped:
+        state.overflow_skips += 1
+        return True
+    run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.step(run.parameters)
+    return True
+
+
+def _reduce_max(accelerator: Any, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    import torch
+
+    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), reduction="max").item())
+
+
+def _due(step: int, every: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+def _progress_bar(run: "Run", start_step: int) -> Any:
+    from tqdm.auto import tqdm
+
+    enabled = run.config.logging.progress_bar and run.accelerator.is_main_process
+    return tqdm(total=run.config.train.max_steps, initial=start_step, desc="train", disable=not enabled)
