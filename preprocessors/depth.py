@@ -164,7 +164,7 @@ class DepthPreprocessor(Preprocessor):
     def check_ready(cls) -> str | None:
         if any((models_dir() / name).is_dir() for name in DEFAULT_MODEL_DIRS):
             return None
-        return f"needs a depth model. {supply_hint()}"
+        return f"a depth model. {supply_hint()}"
 
     def to(self, device: Any) -> DepthPreprocessor:
         self.model.to(device)

@@ -225,7 +225,7 @@ class NormalPreprocessor(Preprocessor):
         if any((models_dir() / name).is_dir() for name in DEFAULT_MODEL_DIRS):
             return None
         return (
-            "needs a depth model for photos (--set depth_model=PATH_OR_HUB_ID, e.g. Intel/dpt-hybrid-midas, or "
+            "a depth model for photos (--set depth_model=PATH_OR_HUB_ID, e.g. Intel/dpt-hybrid-midas, or "
             "$CONTROLKIT_MODELS/depth), or --set from_depth=true with a depth map as input; NormalBAE: "
             "--set model=bae --set weights=EXPORTED_NNET_FILE"
         )

@@ -100,7 +100,7 @@ class PosePreprocessor(Preprocessor):
 
     @classmethod
     def check_ready(cls) -> str | None:
-        message = f"needs mediapipe {MEDIAPIPE_VERSION}, which bundles the pose model: {_INSTALL}"
+        message = f"mediapipe {MEDIAPIPE_VERSION}, which bundles the pose model: {_INSTALL}"
         try:
             import mediapipe
             from mediapipe.python.solutions import pose  # noqa: F401

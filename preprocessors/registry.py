@@ -90,7 +90,7 @@ PREPROCESSORS: dict[str, PreprocessorSpec] = {
         PreprocessorSpec(
             "normal", "preprocessors.normal:NormalPreprocessor",
             "surface normals from depth (ControlNet 1.0 method); NormalBAE with weights",
-            "a depth model (or a depth map as input); NormalBAE: scannet.pt as a local path",
+            "a depth model (or a depth map as input); NormalBAE: an export of its network (local path)",
             "MIT (method); depends on the depth model",
         ),
         PreprocessorSpec(
@@ -123,10 +123,15 @@ def get_preprocessor(name: str, **params: Any) -> Preprocessor:
     Example:
         >>> canny = get_preprocessor("canny", low_threshold=50)
         >>> edge_map = canny("photo.png")  # PIL RGB, same size as photo.png
+        >>> hed = get_preprocessor("aux:hed", weights_dir="Annotators")  # = get_preprocessor("aux", detector="hed")
 
     Raises:
         ValueError: unknown name, or unknown parameters (the message lists the valid ones).
     """
+    if name.startswith("aux:"):
+        if "detector" in params:
+            raise ValueError(f"'{name}' already names the detector; drop the `detector` parameter")
+        name, params = "aux", {**params, "detector": name[len("aux:"):]}
     spec = get_spec(name)
     cls = spec.load_class()
     valid = spec.parameters()
