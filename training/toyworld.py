@@ -106,7 +106,8 @@ def check_size(size: int) -> int:
 
 
 def _albedo(rng: np.random.Generator, colour: str) -> np.ndarray:
-    """The colour as linear-ish RGB in [0, 1], jittered a little so no two renders are flat copies."""
+    """The named colour as RGB in [0, 1], jittered by up to 12/255 per channel so that no two objects of one
+    colour are identical (the caption still names them right)."""
     jitter = rng.uniform(-12, 12, size=3)
     return np.clip((np.array(COLOURS[colour]) + jitter) / 255.0, 0.0, 1.0)
 

@@ -81,15 +81,14 @@ def write_dataset(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     _claim(root, settings)
-    width = max(6, len(str(max(n - 1, 0))))
-    records = _completed(root, n, width)
+    records = _completed(root, n)
     partial = root / (MANIFEST + ".partial")
     with open(partial, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
         for index in range(len(records), n):
             sample = _RENDERERS[kind]((seed, index), size=size)
-            record = _write_sample(root, f"{index:0{width}d}", sample, condition)
+            record = _write_sample(root, _stem(index), sample, condition)
             handle.write(json.dumps(record) + "\n")
             handle.flush()
     os.replace(partial, root / MANIFEST)
@@ -128,7 +127,12 @@ def _claim(root: Path, settings: dict[str, Any]) -> None:
     path.write_text(json.dumps(settings), encoding="utf-8")
 
 
-def _completed(root: Path, n: int, width: int) -> list[dict[str, Any]]:
+def _stem(index: int) -> str:
+    """File name of sample `index`: zero-padded to 6 digits, so names sort and never depend on `n`."""
+    return f"{index:06d}"
+
+
+def _completed(root: Path, n: int) -> list[dict[str, Any]]:
     """The leading manifest records (up to n) of earlier runs whose files all exist, in sample order."""
     source = root / MANIFEST
     if not source.is_file():
@@ -142,7 +146,7 @@ def _completed(root: Path, n: int, width: int) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break  # a line cut short by an interruption: the sample is written again
         paths = [record.get(key) for key in ("image", "condition", "truth", "keypoints") if record.get(key)]
-        expected = f"images/{len(records):0{width}d}.png"
+        expected = f"images/{_stem(len(records))}.png"
         if len(records) == n or record.get("image") != expected or not all((root / p).is_file() for p in paths):
             break
         records.append(record)
