@@ -1,0 +1,312 @@
+"""Controls: what one ControlNet adds to a generation, and the summed residuals all of them feed the U-Net.
+
+A `Control` pairs a condition image with a ControlNet and says how strongly, when, and on which side of
+classifier-free guidance it acts. The three modes follow the reference (anchors B.2):
+
+- ``balanced``: every one of the ControlNet's outputs (12 skip residuals and the middle one for SD1.x) is
+  multiplied by `scale`, on both guidance sides. This is diffusers' default.
+- ``prompt`` ("my prompt is more important"): soft per-layer scales ``scale * 0.825 ** (N - 1 - i)``, from about
+  0.1 on the first (highest-resolution) output to 1 on the middle one, on both guidance sides.
+- ``control`` ("ControlNet is more important"): the same soft scales, on the conditional side only; the
+  ControlNet then runs on the conditional half of the batch only. This is the reference's guess mode
+  (diffusers' ``guess_mode=True`` uses ``torch.logspace(-1, 0, N)``, i.e. 0.1 ** ((N - 1 - i) / (N - 1))).
+
+Explicit `layer_weights` replace the mode's per-layer profile. ControlNets with global pooling (1.1 shuffle)
+keep flat scales and act on the conditional side only, as in the reference demos and diffusers.
+
+Speed (own code, each piece tested against diffusers): the conditioning encoder runs once per generation, not
+once per step; a ControlNet outside its start/end window or with all scales 0 is not run at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from controlkit.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from controlkit.controlnet import ConditionMetadata
+
+MODES = ("balanced", "prompt", "control")
+RESIZE_MODES = ("resize", "crop", "fill")
+#: Per-layer decay of the soft modes: layer i of N gets SOFT_DECAY ** (N - 1 - i). The reference's guess mode
+#: (lllyasviel/ControlNet gradio apps) uses 0.825: for SD1.x's 13 outputs the first gets 0.825 ** 12 = 0.099,
+#: just under a tenth (0.826 ** 12 is just over), as diffusers' logspace(-1, 0, 13) starts at exactly 0.1.
+SOFT_DECAY = 0.825
+#: U-Net config keys that must agree for a ControlNet's residuals to fit the U-Net's skip connections.
+_MATCHING_CONFIG_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim")
+
+
+@dataclass
+class Control:
+    """One ControlNet with its condition image and how it is applied.
+
+    Args:
+        image: the condition map (anything `controlkit.image.load_image` accepts), or a photo when
+            `preprocessor` is given.
+        controlnet: a diffusers `ControlNetModel` made for the base U-Net.
+        scale: overall strength (the reference's "control strength"; 0 switches the control off).
+        start: fraction of the denoising steps after which the control starts acting, in [0, 1).
+        end: fraction of the steps after which it stops, in (start, 1].
+        mode: "balanced", "prompt" or "control" (see the module docstring).
+        layer_weights: optional per-output weights (13 for SD1.x: 12 skip outputs from high to low resolution,
+            then the middle block); they replace the mode's per-layer profile and are multiplied by `scale`.
+        preprocessor: a callable photo -> condition map (e.g. a `preprocessors` entry); None when `image`
+            already is the map.
+        conditional_only: apply this control on the conditional side of guidance only (implied by
+            mode "control" and by ControlNets with global pooling).
+        metadata: the condition metadata read with the checkpoint (informational; set by `from_pretrained`).
+    """
+
+    image: Any
+    controlnet: ControlNetModel
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    layer_weights: Sequence[float] | None = None
+    preprocessor: Callable[[Any], Any] | None = None
+    conditional_only: bool = False
+    metadata: ConditionMetadata | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"control `mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not _is_finite_number(self.scale):
+            raise ConfigError(f"control `scale` must be a finite number, got {self.scale!r}")
+        if not (0.0 <= self.start < self.end <= 1.0):
+            raise ConfigError(
+                f"control `start` and `end` must satisfy 0 <= start < end <= 1, got start={self.start}, "
+                f"end={self.end}"
+            )
+        if self.layer_weights is not None:
+            weights = list(self.layer_weights)
+            expected = num_control_layers(self.controlnet)
+            if len(weights) != expected or not all(_is_finite_number(w) for w in weights):
+                raise ConfigError(
+                    f"control `layer_weights` must be {expected} finite numbers (one per ControlNet output), "
+                    f"got {self.layer_weights!r}"
+                )
+            self.layer_weights = weights
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: Any,
+        image: Any,
+        *,
+        unet: UNet2DConditionModel | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> Control:
+        """Load a ControlNet (a diffusers folder or file, or an original-format checkpoint) with its metadata.
+
+        Example:
+            >>> control = Control.from_pretrained("controlnet-canny/", "edges.png", scale=0.8, mode="prompt")
+
+        `options` are the other fields of `Control`; `conditional_only` defaults to what the checkpoint's
+        condition metadata says.
+        """
+        from controlkit.checkpoint import load_controlnet
+
+        controlnet, metadata = load_controlnet(source, unet=unet, torch_dtype=torch_dtype)
+        options.setdefault("conditional_only", bool(metadata is not None and metadata.conditional_only))
+        return cls(image, controlnet, metadata=metadata, **options)
+
+    @property
+    def global_pooling(self) -> bool:
+        return bool(getattr(self.controlnet.config, "global_pool_conditions", False))
+
+    @property
+    def conditional_side_only(self) -> bool:
+        """True when the control acts on the conditional half of classifier-free guidance only."""
+        return self.mode == "control" or self.conditional_only or self.global_pooling
+
+    def layer_scales(self) -> list[float]:
+        """The multiplier of each ControlNet output (skip outputs high to low resolution, then the middle)."""
+        count = num_control_layers(self.controlnet)
+        if self.layer_weights is not None:
+            weights = list(self.layer_weights)
+        elif self.mode != "balanced" and not self.global_pooling:
+            weights = [SOFT_DECAY ** (count - 1 - i) for i in range(count)]
+        else:
+            weights = [1.0] * count
+        return [float(w) * float(self.scale) for w in weights]
+
+    def active_at(self, step: int, num_steps: int) -> bool:
+        """Whether step `step` (0-based) of `num_steps` lies in the start/end window (diffusers' rule)."""
+        return not (step / num_steps < self.start or (step + 1) / num_steps > self.end)
+
+
+def num_control_layers(controlnet: ControlNetModel) -> int:
+    """Outputs of a ControlNet: one per U-Net skip connection plus the middle block (13 for SD1.x)."""
+    return len(controlnet.controlnet_down_blocks) + 1
+
+
+def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: str = "ControlNet") -> None:
+    """Raise CheckpointError when the ControlNet was made for another base (residual shapes would not fit)."""
+    mismatches = [
+        f"{key} {controlnet.config.get(key)!r} vs {unet.config.get(key)!r}"
+        for key in _MATCHING_CONFIG_KEYS
+        if _normalised(controlnet.config.get(key)) != _normalised(unet.config.get(key))
+    ]
+    if mismatches:
+        raise CheckpointError(
+            f"{name} does not fit the base model ({'; '.join(mismatches)}); use a ControlNet trained for this "
+            "base (an SD1.x ControlNet needs an SD1.x base)"
+        )
+
+
+def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") -> np.ndarray:
+    """Bring an RGB uint8 (H, W, 3) image to `size` = (width, height).
+
+    Modes (A1111's names in brackets): "resize" stretches [Just Resize]; "crop" scales to cover the target and
+    cuts the centre [Crop and Resize]; "fill" scales to fit inside and pads with the median border colour
+    [Resize and Fill].
+    """
+    from controlkit.image import resize_to
+
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"`resize_mode` must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    width, height = size
+    old_height, old_width = image.shape[:2]
+    if (old_width, old_height) == (width, height) or mode == "resize":
+        return resize_to(image, (width, height))
+    factor = (max if mode == "crop" else min)(width / old_width, height / old_height)
+    inner_w, inner_h = max(1, round(old_width * factor)), max(1, round(old_height * factor))
+    scaled = resize_to(image, (inner_w, inner_h))
+    if mode == "crop":
+        top, left = (inner_h - height) // 2, (inner_w - width) // 2
+        return np.ascontiguousarray(scaled[top : top + height, left : left + width])
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]], axis=0)
+    canvas = np.empty((height, width, 3), dtype=np.uint8)
+    canvas[:] = np.median(border, axis=0).astype(np.uint8)
+    top, left = (height - inner_h) // 2, (width - inner_w) // 2
+    canvas[top : top + inner_h, left : left + inner_w] = scaled
+    return canvas
+
+
+def condition_tensor(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) image(s) to the models' input convention: float32 (B, 3, H, W) in [0, 1]."""
+    import torch
+
+    batch = np.stack([images] if isinstance(images, np.ndarray) else list(images))
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
+
+
+@dataclass
+class PreparedControl:
+    """A control ready for the denoising loop: the condition embedding computed once and the scales fixed.
+
+    Attributes:
+        control: the user's spec.
+        embedding: output of the ControlNet's conditioning encoder, (1, C, h, w) at latent size; broadcast over
+            the batch inside the ControlNet.
+        scales: one multiplier per ControlNet output.
+    """
+
+    control: Control
+    embedding: torch.Tensor
+    scales: list[float]
+
+
+def prepare_control(control: Control, condition: np.ndarray, device: Any, dtype: torch.dtype) -> PreparedControl:
+    """Run the conditioning encoder once on the condition map (RGB uint8 at output size).
+
+    The encoder (Zhang et al. 2302.05543: "a tiny network ... to encode an image-space condition to a
+    feature space conditioning vector") does not depend on the step, so computing it per step repeats work.
+    """
+    import torch
+
+    controlnet = control.controlnet
+    pixels = condition_tensor(condition).to(device=device, dtype=dtype)
+    if controlnet.config.controlnet_conditioning_channel_order == "bgr":
+        pixels = torch.flip(pixels, dims=[1])
+    embedding = controlnet.controlnet_cond_embedding(pixels)
+    if controlnet.config.controlnet_conditioning_channel_order == "bgr":
+        # The ControlNet flips its `controlnet_cond` input once more; flipping here cancels that.
+        embedding = torch.flip(embedding, dims=[1])
+    return PreparedControl(control, embedding, control.layer_scales())
+
+
+@contextlib.contextmanager
+def _encoder_bypassed(controlnet: ControlNetModel) -> Iterator[None]:
+    """During one call, the conditioning encoder is the identity, so `controlnet_cond` can be its output.
+
+    The swap lasts for the call only; a ControlNet must not run in two generations at the same time.
+    """
+    import torch
+
+    model = getattr(controlnet, "_orig_mod", controlnet)  # torch.compile wrapper
+    encoder = model.controlnet_cond_embedding
+    model.controlnet_cond_embedding = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        model.controlnet_cond_embedding = encoder
+
+
+def control_residuals(
+    controls: Sequence[PreparedControl],
+    model_input: torch.Tensor,
+    timestep: torch.Tensor,
+    text_embeds: torch.Tensor,
+    *,
+    step: int,
+    num_steps: int,
+    guided: bool,
+) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """Summed, scaled residuals of the controls active at this step, for the U-Net's skips and middle block.
+
+    Args:
+        model_input: scaled latents (2B, 4, h, w) when `guided` ([unconditional; conditional]), else (B, 4, h, w).
+        text_embeds: prompt embeddings in the same batch layout.
+        step, num_steps: position in the schedule, for the start/end windows.
+        guided: classifier-free guidance is on (the batch holds both halves).
+
+    Returns:
+        (down residuals, middle residual) in diffusers' `down_block_additional_residuals` /
+        `mid_block_additional_residual` form, or (None, None) when no control acts at this step.
+    """
+    import torch
+
+    total: list[torch.Tensor] | None = None
+    for prepared in controls:
+        control = prepared.control
+        if not control.active_at(step, num_steps) or not any(prepared.scales):
+            continue
+        half = guided and control.conditional_side_only
+        sample = model_input.chunk(2)[1] if half else model_input
+        text = text_embeds.chunk(2)[1] if half else text_embeds
+        uniform = len(set(prepared.scales)) == 1
+        with _encoder_bypassed(control.controlnet):
+            down, mid = control.controlnet(
+                sample, timestep, encoder_hidden_states=text, controlnet_cond=prepared.embedding,
+                conditioning_scale=prepared.scales[0] if uniform else 1.0, return_dict=False,
+            )
+        outputs = [*down, mid]
+        if not uniform:
+            outputs = [r if s == 1.0 else r * s for r, s in zip(outputs, prepared.scales)]
+        if half:  # the unconditional half gets no control: zeros, as in diffusers' guess mode
+            outputs = [torch.cat([torch.zeros_like(r), r]) for r in outputs]
+        total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
+    if total is None:
+        return None, None
+    return total[:-1], total[-1]
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _normalised(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
