@@ -23,12 +23,13 @@ from training.toyworld import (
     render_figure,
     render_scene,
 )
-from training.toyworld_figure import KEYPOINT_NAMES, build_figure, figure_keypoints, sample_pose
+from preprocessors.openpose import BODY_PARTS
+from training.toyworld_figure import build_figure, figure_keypoints, sample_pose
 from training.toyworld_render import Backdrop, Camera, Lighting, render
 from training.toyworld_solids import Sphere
 
 SETTING = re.compile(r"^(.*) on an? (\w+) floor with an? (\w+) background$")
-K = {name: index for index, name in enumerate(KEYPOINT_NAMES)}
+K = {name: index for index, name in enumerate(BODY_PARTS)}
 
 
 def _fields(sample):
@@ -202,10 +203,14 @@ def _hue_distance(a, b):
 
 # -- figure -------------------------------------------------------------------------------------------------
 
-SEGMENTS = [("neck", "r_shoulder"), ("neck", "l_shoulder"), ("r_shoulder", "r_elbow"), ("r_elbow", "r_wrist"),
-            ("l_shoulder", "l_elbow"), ("l_elbow", "l_wrist"), ("r_hip", "r_knee"), ("r_knee", "r_ankle"),
-            ("l_hip", "l_knee"), ("l_knee", "l_ankle"), ("neck", "r_hip"), ("neck", "l_hip"), ("neck", "nose"),
-            ("nose", "r_eye"), ("nose", "l_eye"), ("r_eye", "r_ear"), ("l_eye", "l_ear")]  # fmt: skip
+# Body segments (limbs, then torso and face); the first 12 run through the middle of a capsule.
+SEGMENTS = [
+    ("neck", "right_shoulder"), ("neck", "left_shoulder"), ("right_shoulder", "right_elbow"),
+    ("right_elbow", "right_wrist"), ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
+    ("right_hip", "right_knee"), ("right_knee", "right_ankle"), ("left_hip", "left_knee"), ("left_knee", "left_ankle"),
+    ("neck", "right_hip"), ("neck", "left_hip"), ("neck", "nose"), ("nose", "right_eye"), ("nose", "left_eye"),
+    ("right_eye", "right_ear"), ("left_eye", "left_ear"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -243,14 +248,14 @@ def test_right_is_the_figures_own_right():
     facing = build_figure(pose, [0.0, 0.0, 0.0], 0.0, instance=1, albedo=np.ones(3))
     xy, _ = camera.project(facing.joints)
     for part in ("shoulder", "hip", "eye", "ear", "knee"):
-        assert xy[K[f"r_{part}"], 0] < xy[K[f"l_{part}"], 0]  # facing us, its right is on the image's left
+        assert xy[K[f"right_{part}"], 0] < xy[K[f"left_{part}"], 0]  # facing us, its right is on the image's left
     away = build_figure(pose, [0.0, 0.0, 0.0], np.pi, instance=1, albedo=np.ones(3))
     xy, _ = camera.project(away.joints)
-    assert xy[K["r_shoulder"], 0] > xy[K["l_shoulder"], 0]
+    assert xy[K["right_shoulder"], 0] > xy[K["left_shoulder"], 0]
     buffers = render(camera, away.solids, Backdrop(np.zeros(3), np.zeros(3), -3.0), Lighting(np.eye(3)[1], 1, 0.3))
     keypoints = figure_keypoints(away, camera, buffers.depth, buffers.masks, instance=1)
-    assert keypoints[[K["nose"], K["r_eye"], K["l_eye"]], 2].tolist() == [0.0, 0.0, 0.0]  # face turned away
-    assert keypoints[[K["neck"], K["r_hip"], K["l_knee"]], 2].tolist() == [1.0, 1.0, 1.0]
+    assert keypoints[[K["nose"], K["right_eye"], K["left_eye"]], 2].tolist() == [0.0, 0.0, 0.0]  # face turned away
+    assert keypoints[[K["neck"], K["right_hip"], K["left_knee"]], 2].tolist() == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("action, words", [("standing", "standing"), ("walking", "walking"),
@@ -262,7 +267,7 @@ def test_figure_caption_and_pose(action, words):
     assert scene.caption.startswith(f"a{'n' if person.colour[0] in 'aeiou' else ''} {person.colour} person {words}")
     assert SETTING.match(scene.caption) and set(re.findall(r"[a-z]+", scene.caption)) <= set(DEFAULT_WORDS)
     assert set(np.unique(scene.masks)) == {0, *(thing.instance for thing in scene.objects)}
-    wrists_above_head = scene.keypoints[[K["r_wrist"], K["l_wrist"]], 1] < scene.keypoints[K["nose"], 1]
+    wrists_above_head = scene.keypoints[[K["right_wrist"], K["left_wrist"]], 1] < scene.keypoints[K["nose"], 1]
     assert wrists_above_head.all() == (action == "raised_arms")
 
 

@@ -2,8 +2,9 @@
 
 The figure is built in its own frame (metres; +x is the figure's own left, +y up, +z the way it faces), from a
 `FigurePose` of joint angles, then placed on the floor. Keypoints follow the OpenPose COCO-18 order
-(`KEYPOINT_NAMES`, "right" is the figure's own right) and sit where OpenPose puts them: joint centres inside the
-limbs, the neck halfway between the shoulders, and nose, eyes and ears on the surface of the head.
+(`preprocessors.openpose.BODY_PARTS`; "right" is the figure's own right) and sit where OpenPose puts them: joint
+centres inside the limbs, the neck halfway between the shoulders, and nose, eyes and ears on the surface of the
+head.
 """
 
 from __future__ import annotations
@@ -12,15 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from preprocessors.openpose import BODY_PARTS
 from training.toyworld_render import Camera
 from training.toyworld_solids import Capsule, Solid, Sphere, rotation_y, unit
 
-#: OpenPose COCO-18 body keypoints, in order.
-KEYPOINT_NAMES = (
-    "nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_shoulder", "l_elbow", "l_wrist", "r_hip", "r_knee",
-    "r_ankle", "l_hip", "l_knee", "l_ankle", "r_eye", "l_eye", "r_ear", "l_ear",
-)  # fmt: skip
-FACE_KEYPOINTS = ("nose", "r_eye", "l_eye", "r_ear", "l_ear")
+FACE_KEYPOINTS = ("nose", "right_eye", "left_eye", "right_ear", "left_ear")
 #: What each action is called in captions.
 ACTIONS = {"standing": "standing", "walking": "walking", "raised_arms": "with raised arms"}
 
@@ -31,11 +28,11 @@ HEAD_RADIUS, ANKLE_HEIGHT = 0.115, 0.08
 RADII = {"torso": 0.13, "shoulders": 0.065, "hips": 0.085, "neck": 0.05, "upper_arm": 0.05, "forearm": 0.042,
          "thigh": 0.075, "shin": 0.058, "foot": 0.045}  # fmt: skip
 # Directions from the head's centre to the face keypoints, in the head's frame (left, up, forward).
-FACE_DIRECTIONS = {"nose": (0.0, -0.1, 1.0), "r_eye": (-0.45, 0.25, 1.0), "l_eye": (0.45, 0.25, 1.0),
-                   "r_ear": (-1.0, 0.05, -0.1), "l_ear": (1.0, 0.05, -0.1)}  # fmt: skip
+FACE_DIRECTIONS = {"nose": (0.0, -0.1, 1.0), "right_eye": (-0.45, 0.25, 1.0), "left_eye": (0.45, 0.25, 1.0),
+                   "right_ear": (-1.0, 0.05, -0.1), "left_ear": (1.0, 0.05, -0.1)}  # fmt: skip
 # A face keypoint counts as visible while its outward direction is no more than this far behind the silhouette
 # (cosine to the viewer); ears stay visible in a frontal view, as OpenPose usually finds both.
-FACE_VISIBLE_COSINE = {"nose": 0.1, "r_eye": 0.05, "l_eye": 0.05, "r_ear": -0.35, "l_ear": -0.35}
+FACE_VISIBLE_COSINE = {"nose": 0.1, "right_eye": 0.05, "left_eye": 0.05, "right_ear": -0.35, "left_ear": -0.35}
 
 
 @dataclass(frozen=True)
@@ -133,8 +130,8 @@ def build_figure(pose: FigurePose, position, yaw: float, *, instance: int, albed
     across = unit(np.cross(spine, forward))  # the figure's left, square to the spine
     joints: dict[str, np.ndarray] = {"neck": neck}
     limbs: list[tuple[str, str, str]] = []  # (from joint, to joint, radius key)
-    for side, sign in (("l", 1.0), ("r", -1.0)):
-        arm = 0 if side == "l" else 1
+    for side, sign in (("left", 1.0), ("right", -1.0)):
+        arm = 0 if side == "left" else 1
         shoulder = neck + sign * SHOULDER_HALF * across
         upper = _limb_direction(sign, pose.arm_raise[arm], pose.arm_forward[arm])
         elbow = shoulder + UPPER_ARM * upper
@@ -159,11 +156,11 @@ def build_figure(pose: FigurePose, position, yaw: float, *, instance: int, albed
                FACE_DIRECTIONS.items()}  # fmt: skip
     joints.update({name: head + HEAD_RADIUS * direction for name, direction in outward.items()})
     joints["head"], joints["pelvis"] = head, np.zeros(3)
-    limbs += [("pelvis", "neck", "torso"), ("l_shoulder", "r_shoulder", "shoulders"), ("l_hip", "r_hip", "hips"),
-              ("neck", "head", "neck")]  # fmt: skip
+    limbs += [("pelvis", "neck", "torso"), ("left_shoulder", "right_shoulder", "shoulders"),
+              ("left_hip", "right_hip", "hips"), ("neck", "head", "neck")]  # fmt: skip
 
     turn = rotation_y(yaw)
-    lift = ANKLE_HEIGHT - min(joints["l_ankle"][1], joints["r_ankle"][1])
+    lift = ANKLE_HEIGHT - min(joints["left_ankle"][1], joints["right_ankle"][1])
     offset = np.array([position[0], lift, position[2]], dtype=np.float64)
     world = {name: turn @ point + offset for name, point in joints.items()}
     solids: list[Solid] = [Sphere(instance, albedo, world["head"], HEAD_RADIUS)]
@@ -171,7 +168,7 @@ def build_figure(pose: FigurePose, position, yaw: float, *, instance: int, albed
     tops = [world["head"][1] + HEAD_RADIUS] + [max(world[a][1], world[b][1]) + RADII[kind] for a, b, kind in limbs]
     return Figure(
         solids=solids,
-        joints=np.stack([world[name] for name in KEYPOINT_NAMES]),
+        joints=np.stack([world[name] for name in BODY_PARTS]),
         face_outward={name: turn @ direction for name, direction in outward.items()},
         position=offset,
         yaw=float(yaw),
@@ -199,7 +196,7 @@ def figure_keypoints(
     occluded = (masks[rows, columns] != instance) & (depth[rows, columns] < point_depth - RADII["torso"] - 0.05)
     visible &= ~occluded
     for name in FACE_KEYPOINTS:
-        index = KEYPOINT_NAMES.index(name)
+        index = BODY_PARTS.index(name)
         to_camera = unit(camera.position - figure.joints[index])
         visible[index] &= float(figure.face_outward[name] @ to_camera) > FACE_VISIBLE_COSINE[name]
     return np.concatenate([xy, visible[:, None].astype(np.float64)], axis=1).astype(np.float32)
