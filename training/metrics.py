@@ -251,7 +251,7 @@ def controllability(
     Raises:
         ConfigError: an unknown condition, or lists of different lengths.
     """
-    spec = _spec(condition)
+    spec = metric_spec(condition)
     if len(generated_images) != len(input_conditions):
         raise ConfigError(
             f"{len(generated_images)} generated images but {len(input_conditions)} input conditions; "
@@ -301,7 +301,8 @@ def _reference_pose(reference: Any) -> dict[str, Any]:
     return keypoints_from_pose_map(load_image(reference))
 
 
-def _spec(condition: str) -> MetricSpec:
+def metric_spec(condition: str) -> MetricSpec:
+    """The `METRICS` entry of a condition; ConfigError naming the known ones otherwise."""
     if condition not in METRICS:
         raise ConfigError(
             f"no controllability metric for condition {condition!r}; known: {', '.join(sorted(METRICS))}"
