@@ -75,7 +75,6 @@ class PosePreprocessor(Preprocessor):
     """
 
     name = "pose"
-    nearest_resize = True  # only used for maps from `detect`; `__call__` draws at the output size
 
     def __init__(
         self,
@@ -153,12 +152,13 @@ class PosePreprocessor(Preprocessor):
         if body is None:
             warnings.warn("pose: no person found in the image; the pose map is black", UserWarning, stacklevel=3)
         else:
-            person = {"pose_keypoints_2d": flatten_keypoints(body)}
-            if self.hands:
-                person.update(self._hands(small, width, height))
-            if self.face:
-                person["face_keypoints_2d"] = flatten_keypoints(self._face(small, width, height))
-            pose["people"].append(person)
+            hands = self._hands(small, width, height) if self.hands else {}
+            pose["people"].append({
+                "pose_keypoints_2d": flatten_keypoints(body),
+                "face_keypoints_2d": flatten_keypoints(self._face(small, width, height) if self.face else None),
+                "hand_left_keypoints_2d": hands.get("hand_left_keypoints_2d", []),
+                "hand_right_keypoints_2d": hands.get("hand_right_keypoints_2d", []),
+            })
         self._last = (digest, pose)
         return copy.deepcopy(pose)
 

@@ -1,4 +1,4 @@
-"""Depth from transformers models (tiny random networks injected or saved), normals from depth against analytic ones."""
+"""Depth from transformers models (tiny random networks, injected or saved); normals from depth vs analytic ones."""
 
 from __future__ import annotations
 

@@ -150,6 +150,7 @@ def test_astronaut_keypoints_where_a_person_would_put_them(pose_preprocessor, as
     assert body[14, 0] < body[15, 0] and body[16, 0] < body[17, 0]  # right eye / ear on the image's left
     np.testing.assert_allclose(body[NECK, :2], (body[L_SHOULDER, :2] + body[R_SHOULDER, :2]) / 2)
     assert (body[8:14, 2] == 0).all()  # hips and legs are out of the frame
+    assert pose["people"][0]["face_keypoints_2d"] == [] and pose["people"][0]["hand_left_keypoints_2d"] == []
     json.dumps(pose)  # plain JSON types
 
 
