@@ -90,6 +90,16 @@ def test_check_with_worker_processes_finds_the_same(layout, capsys):
     assert json.loads(capsys.readouterr().out) == serial
 
 
+def test_check_warns_about_blank_condition_maps_without_failing(tmp_path, photo, capsys):
+    Image.fromarray(photo).save(tmp_path / "person.png")
+    Image.fromarray(np.zeros_like(photo)).save(tmp_path / "nobody.png")
+    write_manifest(tmp_path / "m.jsonl", [{"image": "person.png", "condition": "nobody.png", "prompt": "p"}])
+    assert main(["dataset", "check", str(tmp_path / "m.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "person.png: warning: blank condition map (every pixel 0)" in out
+    assert out.strip().endswith("1 pairs, 0 bad; 1 with warnings")
+
+
 def test_check_of_a_missing_or_malformed_source_is_one_line(tmp_path, capsys):
     assert main(["dataset", "check", str(tmp_path / "nothing.jsonl")]) == 1
     error = capsys.readouterr().err

@@ -13,7 +13,7 @@ from PIL import Image
 
 from controlkit.errors import ConfigError, ControlkitError
 from controlkit.image import load_image
-from training.data import PairedDataset, collate_pairs, load_pairs, make_condition_fn, pair_problems
+from training.data import PairedDataset, check_pair, collate_pairs, load_pairs, make_condition_fn
 
 CANNY_RANDOM = {"low_threshold": (50, 150), "high_threshold": (150, 250)}
 
@@ -83,10 +83,10 @@ def test_folder_layout_with_txt_captions_and_a_missing_condition(tmp_path, photo
     pairs = load_pairs(tmp_path)
     assert [(p.key, p.prompt) for p in pairs] == [("images/a.png", "caption a"), ("images/b.jpg", "")]
     assert pairs[0].condition == str(tmp_path / "conditions" / "a.png")
-    problems = pair_problems(pairs[1])
+    problems = check_pair(pairs[1]).problems
     assert any(p.startswith("condition:") and "no such file" in p for p in problems)
     assert any("empty caption" in p for p in problems)
-    assert pair_problems(pairs[0]) == []
+    assert check_pair(pairs[0]).problems == []
 
 
 def test_folder_layout_with_captions_jsonl_and_computed_conditions(tmp_path, photo):
@@ -94,8 +94,8 @@ def test_folder_layout_with_captions_jsonl_and_computed_conditions(tmp_path, pho
     write_lines(tmp_path / "captions.jsonl", [{"stem": "a", "prompt": "from jsonl"}])
     (pair,) = load_pairs(tmp_path)
     assert (pair.condition, pair.prompt) == (None, "from jsonl")
-    assert pair_problems(pair) == ["no condition map, and no preprocessor configured to compute one"]
-    assert pair_problems(pair, conditions_computed=True) == []
+    assert check_pair(pair).problems == ["no condition map, and no preprocessor configured to compute one"]
+    assert check_pair(pair, conditions_computed=True).problems == []
 
 
 def test_flat_folder_of_images_and_captions(tmp_path, photo):
@@ -178,7 +178,7 @@ def test_a_condition_at_another_scale_of_the_same_aspect_is_accepted(tmp_path, p
     save(tmp_path / "half.png", np.asarray(Image.fromarray(photo).resize((96, 128))))
     write_lines(tmp_path / "m.jsonl", [{"image": "a.png", "condition": "half.png", "prompt": "p"}])
     pairs = load_pairs(tmp_path / "m.jsonl")
-    assert pair_problems(pairs[0]) == []
+    assert check_pair(pairs[0]).problems == []
     item = PairedDataset(pairs, resolution=64)[0]
     assert (item["conditioning_pixel_values"] * 2 - 1 - item["pixel_values"]).abs().mean() < 0.05
 
@@ -225,7 +225,7 @@ def test_bad_pairs_are_skipped_counted_and_named(bad_source):
         assert key == expected_key and re.search(pattern, reason), (key, reason)
     batch = collate_pairs(items)
     assert batch["skipped"] == 5 and batch["indices"] == [0] and batch["pixel_values"].shape == (1, 3, 64, 64)
-    assert [len(pair_problems(pair)) for pair in load_pairs(bad_source)] == [0, 1, 1, 1, 1, 1]
+    assert [len(check_pair(pair).problems) for pair in load_pairs(bad_source)] == [0, 1, 1, 1, 1, 1]
 
 
 def test_fail_fast_names_the_pair_and_the_problem(bad_source):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ConfigError, ControlkitError
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["Pair", "PairedDataset", "collate_pairs", "load_pairs", "make_condition_fn", "pair_problems"]
+__all__ = ["Pair", "PairedDataset", "collate_pairs", "load_pairs", "make_condition_fn", "check_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,15 @@ def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     }
 
 
-def pair_problems(pair: Pair, *, conditions_computed: bool = False) -> list[str]:
+@dataclass
+class PairCheck:
+    """What `check_pair` found: problems make the pair unusable; warnings are worth a look."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_pair(pair: Pair, *, conditions_computed: bool = False) -> PairCheck:
     """Every problem of one pair, found by decoding its files fully (what `controlkit dataset check` runs).
 
     Args:
@@ -201,32 +210,35 @@ def pair_problems(pair: Pair, *, conditions_computed: bool = False) -> list[str]
         conditions_computed: a preprocessor will compute missing maps, so a pair without one is fine.
 
     Returns:
-        One line per problem (empty: a good pair).
+        One line per problem (none: a usable pair), and warnings: a condition map of one flat colour (a
+        preprocessor that found nothing, e.g. no person for pose), which teaches the model to ignore it.
     """
-    problems = []
+    found = PairCheck()
     try:
         _check_caption(pair.prompt)
     except ControlkitError as error:
-        problems.append(str(error))
+        found.problems.append(str(error))
     image = condition = None
     try:
         image = read_image(_source(pair.image), "image")
     except ControlkitError as error:
-        problems.append(str(error))
+        found.problems.append(str(error))
     if pair.condition is None:
         if not conditions_computed:
-            problems.append("no condition map, and no preprocessor configured to compute one")
+            found.problems.append("no condition map, and no preprocessor configured to compute one")
     else:
         try:
             condition = read_image(_source(pair.condition), "condition")
         except ControlkitError as error:
-            problems.append(str(error))
+            found.problems.append(str(error))
+    if condition is not None and condition.min() == condition.max():
+        found.warnings.append(f"blank condition map (every pixel {int(condition.flat[0])}): nothing was detected")
     if image is not None and condition is not None:
         try:
             check_alignment(image, condition)
         except ControlkitError as error:
-            problems.append(str(error))
-    return problems
+            found.problems.append(str(error))
+    return found
 
 
 def read_image(source: Any, role: str) -> np.ndarray:

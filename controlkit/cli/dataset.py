@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="check paired training data, or build pairs from a folder of images",
         description="`check` decodes every image and condition map of a dataset and reports every bad pair "
         "(missing file, corrupt or truncated image, image/condition size mismatch, empty caption) without "
-        "training; exit status 1 if any. `build` annotates a folder of images with a preprocessor into "
+        "training; exit status 1 if any. Blank condition maps (nothing detected) are listed as warnings. `build` annotates a folder of images with a preprocessor into "
         "condition maps plus a manifest.jsonl that training reads; re-running it resumes.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
@@ -98,30 +98,39 @@ def run_check(args: argparse.Namespace) -> int:
         caption_column=args.caption_column,
     )
     computed = args.preprocessor is not None
-    problems = _all_problems(pairs, computed, args.workers, progress=not args.json)
-    bad = [(pair.key, found) for pair, found in zip(pairs, problems) if found]
+    checks = _check_all(pairs, computed, args.workers, progress=not args.json)
+    bad = [(pair.key, check.problems) for pair, check in zip(pairs, checks) if check.problems]
+    warned = [(pair.key, check.warnings) for pair, check in zip(pairs, checks) if check.warnings]
     counts = Counter(_category(problem) for _, found in bad for problem in found)
     if args.json:
         report = {
             "source": str(args.source), "pairs": len(pairs), "bad": len(bad), "problems": dict(counts),
             "bad_pairs": [{"key": key, "problems": found} for key, found in bad],
+            "warnings": [{"key": key, "warnings": found} for key, found in warned],
         }
         print(json.dumps(report, indent=2))
     else:
         for key, found in bad:
             for problem in found:
                 print(f"{key}: {problem}")
+        for key, found in warned:
+            for warning in found:
+                print(f"{key}: warning: {warning}")
         summary = ", ".join(f"{count} {name}" for name, count in _ordered(counts))
-        print(f"{args.source}: {len(pairs)} pairs, {len(bad)} bad" + (f" ({summary})" if summary else ""))
+        print(
+            f"{args.source}: {len(pairs)} pairs, {len(bad)} bad" + (f" ({summary})" if summary else "")
+            + (f"; {len(warned)} with warnings" if warned else "")
+        )
     return 1 if bad else 0
 
 
-def _all_problems(pairs: list, computed: bool, workers: int, *, progress: bool) -> list[list[str]]:
+def _check_all(pairs: list, computed: bool, workers: int, *, progress: bool) -> list:
+    """`check_pair` over every pair, in order, in `workers` processes."""
     from functools import partial
 
-    from training.data import pair_problems
+    from training.data import check_pair
 
-    check = partial(pair_problems, conditions_computed=computed)
+    check = partial(check_pair, conditions_computed=computed)
     if workers <= 1 or len(pairs) <= 1:
         results: Any = map(check, pairs)
         executor = None
