@@ -41,8 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="check paired training data, or build pairs from a folder of images",
         description="`check` decodes every image and condition map of a dataset and reports every bad pair "
         "(missing file, corrupt or truncated image, image/condition size mismatch, empty caption) without "
-        "training; exit status 1 if any. Blank condition maps (nothing detected) are listed as warnings. `build` annotates a folder of images with a preprocessor into "
-        "condition maps plus a manifest.jsonl that training reads; re-running it resumes.",
+        "training; exit status 1 if any. Blank condition maps (nothing detected) are listed as warnings. "
+        "`build` annotates a folder of images with a preprocessor into condition maps plus a manifest.jsonl "
+        "that training reads; re-running it resumes.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
