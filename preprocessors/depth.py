@@ -7,8 +7,11 @@ inverse depth (near = large) is min-max normalised to 0..255, so near is bright.
 were trained on such maps (MiDaS DPT-Hybrid, `Intel/dpt-hybrid-midas` in transformers).
 
 Here the model's own image processor supplies the normalisation (mean/std; DPT-Hybrid's is the reference's
-[-1, 1]), sizes are rounded to the network's patch size (14 for Depth Anything), and transformers' plain-ViT DPT,
-which only accepts square inputs, gets a square resize of the detect image. Metric models (ZoeDepth, GLPN,
+[-1, 1]) and sizes are rounded to the network's patch size (14 for Depth Anything). Two transformers ports cannot
+take the reference's input: plain-ViT DPT (e.g. Intel/dpt-large) accepts only square inputs, so it gets a square
+resize of the detect image, and DPT-Hybrid accepts only its configured size (384 x 384), so the detect image is
+resized to that; the prediction is resized back to the detect image. With `Intel/dpt-hybrid-midas` the map thus
+comes from a 384 x 384 view of the image rather than the reference's aspect-preserving 512. Metric models (ZoeDepth, GLPN,
 Depth Pro, Depth Anything metric) are mapped as the ControlNet 1.1 Zoe annotator did: `1 - (d - P2) / (P85 - P2)`,
 clipped, near bright.
 
@@ -149,8 +152,6 @@ class DepthPreprocessor(Preprocessor):
         self.mean = np.asarray(getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5), dtype=np.float32)
         self.std = np.asarray(getattr(image_processor, "image_std", None) or (0.5, 0.5, 0.5), dtype=np.float32)
         self.multiple = _size_multiple(model.config)
-        # transformers' plain-ViT DPT reshapes its tokens to a square grid: it cannot take other shapes.
-        self.square_only = model.config.model_type == "dpt" and getattr(model.config, "backbone_config", None) is None
 
     @classmethod
     def create(
@@ -196,14 +197,11 @@ class DepthPreprocessor(Preprocessor):
         return depth
 
     def _pixel_values(self, image: np.ndarray) -> torch.Tensor:
-        """(1, 3, h, w) normalised input; sides rounded to the network's patch multiple (squared if needed)."""
+        """(1, 3, h, w) normalised input at the size the network takes (`_network_input_size`)."""
         import cv2
         import torch
 
-        height, width = image.shape[:2]
-        if self.square_only:
-            height = width = min(height, width)
-        size = (_round_to(width, self.multiple), _round_to(height, self.multiple))
+        size = _network_input_size(self.model.config, image.shape[0], image.shape[1], self.multiple)
         if size != (image.shape[1], image.shape[0]):
             image = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
         normalised = (image.astype(np.float32) / 255.0 - self.mean) / self.std
@@ -217,6 +215,17 @@ def _size_multiple(config: Any) -> int:
     backbone = getattr(config, "backbone_config", None)
     patch = getattr(backbone, "patch_size", None) or getattr(config, "patch_size", None)
     return int(patch) if patch else 32
+
+
+def _network_input_size(config: Any, height: int, width: int, multiple: int) -> tuple[int, int]:
+    """(width, height) the network is fed for an image of `height` x `width` (see the module docstring)."""
+    if config.model_type == "dpt" and config.is_hybrid:
+        side = config.image_size  # the hybrid embeddings refuse any other input size
+        return (side, side) if isinstance(side, int) else (side[1], side[0])
+    if config.model_type == "dpt" and getattr(config, "backbone_config", None) is None:
+        side = _round_to(min(height, width), multiple)  # plain ViT DPT reshapes its tokens to a square grid
+        return side, side
+    return _round_to(width, multiple), _round_to(height, multiple)
 
 
 def _round_to(value: int, multiple: int) -> int:

@@ -48,6 +48,24 @@ def _tiny_depth_anything():
     return DepthAnythingForDepthEstimation(config).eval()
 
 
+def _tiny_dpt_hybrid():
+    """DPT-Hybrid (the reference annotator's architecture) at toy size: a BiT backbone, input fixed at 64 x 64."""
+    from transformers import BitConfig, DPTConfig, DPTForDepthEstimation
+
+    backbone = BitConfig(
+        global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], hidden_sizes=[16, 32, 64],
+        out_features=["stage1", "stage2", "stage3"], embedding_dynamic_padding=True, num_groups=2,
+    )
+    config = DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=64,
+        patch_size=16, is_hybrid=True, backbone_config=backbone, backbone_featmap_shape=[1, 64, 4, 4],
+        neck_hidden_sizes=[16, 32, 32, 32], reassemble_factors=[1, 1, 1, 0.5], backbone_out_indices=[0, 1, 2, 3],
+        fusion_hidden_size=16, neck_ignore_stages=[0, 1], readout_type="project",
+    )
+    torch.manual_seed(0)
+    return DPTForDepthEstimation(config).eval()
+
+
 def _photo(height: int = 100, width: int = 150) -> np.ndarray:
     return (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
 
@@ -88,6 +106,15 @@ def test_depth_anything_non_square_with_its_processor_normalisation():
         expected = model(pixel_values=torch.from_numpy(normalised).permute(2, 0, 1)[None]).predicted_depth[0].numpy()
     np.testing.assert_allclose(depth.predict(photo), expected, rtol=1e-5, atol=1e-12)
     assert np.asarray(DepthPreprocessor(model, processor, detect_resolution=64)(_photo())).shape == (100, 150, 3)
+
+
+def test_dpt_hybrid_runs_at_its_fixed_input_size():
+    model = _tiny_dpt_hybrid()
+    depth = DepthPreprocessor(model, detect_resolution=128)
+    assert depth._pixel_values(_photo(128, 192)).shape == (1, 3, 64, 64)  # transformers' hybrid takes no other
+    at_detect = depth.detect(_photo())
+    assert at_detect.shape == (128, 192) and (at_detect.min(), at_detect.max()) == (0, 255)
+    assert np.asarray(depth(_photo())).shape == (100, 150, 3)
 
 
 def test_near_is_bright():
