@@ -11,9 +11,10 @@ Here the model's own image processor supplies the normalisation (mean/std; DPT-H
 take the reference's input: plain-ViT DPT (e.g. Intel/dpt-large) accepts only square inputs, so it gets a square
 resize of the detect image, and DPT-Hybrid accepts only its configured size (384 x 384), so the detect image is
 resized to that; the prediction is resized back to the detect image. With `Intel/dpt-hybrid-midas` the map thus
-comes from a 384 x 384 view of the image rather than the reference's aspect-preserving 512. Metric models (ZoeDepth, GLPN,
-Depth Pro, Depth Anything metric) are mapped as the ControlNet 1.1 Zoe annotator did: `1 - (d - P2) / (P85 - P2)`,
-clipped, near bright.
+comes from a 384 x 384 view of the image rather than the reference's aspect-preserving 512.
+
+Metric models (ZoeDepth, GLPN, Depth Pro, Depth Anything metric) are mapped as the ControlNet 1.1 Zoe annotator
+did: `1 - (d - P2) / (P85 - P2)`, clipped, near bright.
 
 No weights ship with the toolkit: pass `model=` a local folder or a hub id (`--set model=...` on the command line),
 or keep one at $CONTROLKIT_MODELS/depth.
