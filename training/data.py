@@ -23,6 +23,7 @@ raises a `ControlkitError` naming the pair. In DataLoader worker processes each 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,7 +71,7 @@ class PairedDataset:
         resolution: int,
         center_crop: bool = True,
         condition_fn: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-        cache_dir: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
         on_bad_pair: str = "skip",
         seed: int = 0,
     ):

@@ -261,6 +261,8 @@ def controllability(
         from preprocessors.registry import get_preprocessor
 
         preprocessor = get_preprocessor(condition)
+    if spec.reads_keypoints and not hasattr(preprocessor, "keypoints"):
+        raise ConfigError(f"{condition}: the re-annotating preprocessor must have a keypoints(image) method")
     scores, extras = [], []
     for generated, reference in zip(generated_images, input_conditions):
         score = _score_one(spec, preprocessor, generated, reference)
