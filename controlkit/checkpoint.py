@@ -20,7 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controlkit.controlnet import CONFIG_METADATA_KEY, METADATA_KEY, ConditionMetadata, base_family, infer_config
+from controlkit.controlnet import (
+    CONFIG_METADATA_KEY,
+    METADATA_KEY,
+    ConditionMetadata,
+    base_family,
+    guess_metadata,
+    infer_config,
+)
 from controlkit.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from controlkit.original_format import CONTROL_PREFIX, OriginalLayout, from_original, to_original
 from controlkit.safe_load import read_tensors
@@ -166,7 +173,9 @@ def _read_folder_weights(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
         if (folder / name).is_file():
             raw = read_tensors(folder / name)
             return raw.tensors, raw.metadata
-    raise WeightsNotFoundError(f"{folder} has config.json but no weights ({WEIGHTS_NAME}); copy the weights file there")
+    raise WeightsNotFoundError(
+        f"{folder} has config.json but no weights ({WEIGHTS_NAME}); copy the weights file there"
+    )
 
 
 def _read_file(path: Path) -> ReadCheckpoint:
@@ -197,22 +206,6 @@ def _with_metadata(path: Path, kind: str, state_dict: dict, config: dict, config
     guessed = guess_metadata(path.name)
     source = "file name" if guessed.condition else "none"
     return ReadCheckpoint(path, kind, state_dict, config, config_stored, guessed, source)
-
-
-def guess_metadata(name: str) -> ConditionMetadata:
-    """Condition metadata from a lllyasviel file name ('control_v11p_sd15_canny.pth' -> condition 'canny').
-
-    Shuffle models average their residuals over space and act on the conditional side only (ControlNet 1.1).
-    """
-    import re
-
-    stem = name.lower().split(".")[0]
-    match = re.match(r"control_(?:v11[a-z0-9]*_)?sd[a-z0-9]*_([a-z0-9_]+?)(?:[-_]fp16)?$", stem)
-    if match is None:
-        return ConditionMetadata()
-    condition = match.group(1)
-    shuffle = condition == "shuffle"
-    return ConditionMetadata(condition=condition, global_pooling=shuffle, conditional_only=shuffle)
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -274,6 +267,24 @@ def check_fits_unet(read: ReadCheckpoint, unet: UNet2DConditionModel) -> None:
             f"the U-Net is {base_family(unet.config)}; {len(differing)} encoder tensors differ, first {key}: "
             f"{ours.get(key, 'absent')} in the ControlNet, {theirs.get(key, 'absent')} in the U-Net"
         )
+
+
+def empty_base_unet(base: str | os.PathLike) -> UNet2DConditionModel:
+    """The U-Net of a diffusers pipeline folder (its unet/) or U-Net folder, built from its config.json on the meta
+    device: shapes for `check_fits_unet` without reading any weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(base)
+    config_path = next((p for p in (folder / "unet" / "config.json", folder / "config.json") if p.is_file()), None)
+    if config_path is None:
+        raise WeightsNotFoundError(f"{base}: no unet/config.json or config.json; pass a diffusers pipeline folder")
+    try:
+        config = json.loads(config_path.read_text())
+        with init_empty_weights():
+            return UNet2DConditionModel.from_config(config)
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path} is not a U-Net config ({error})") from None
 
 
 def _config_from_unet(unet: UNet2DConditionModel, inferred: dict[str, Any]) -> dict[str, Any]:
@@ -353,9 +364,12 @@ def _write_atomically(path: Path, write: Any) -> None:
             os.remove(temporary)
 
 
-def inspect_checkpoint(source: str | os.PathLike) -> CheckpointInfo:
-    """Format, metadata, size and base family of a checkpoint, after the same validation as loading."""
+def inspect_checkpoint(source: str | os.PathLike, *, unet: UNet2DConditionModel | None = None) -> CheckpointInfo:
+    """Format, metadata, size and base family of a checkpoint, after the same validation as loading (including
+    the fit to `unet` when one is given, e.g. from `empty_base_unet`)."""
     read = read_checkpoint(source)
+    if unet is not None:
+        check_fits_unet(read, unet)
     dtypes = sorted({str(value.dtype).replace("torch.", "") for value in read.state_dict.values()})
     return CheckpointInfo(
         path=read.path,

@@ -133,6 +133,20 @@ class ConditionMetadata:
             raise CheckpointError(f"condition metadata is not valid JSON ({error})") from None
 
 
+def guess_metadata(name: str) -> ConditionMetadata:
+    """Condition metadata from a lllyasviel file name ('control_v11p_sd15_canny.pth' -> condition 'canny').
+
+    Shuffle models average their residuals over space and act on the conditional side only (ControlNet 1.1).
+    """
+    stem = name.lower().split(".")[0]
+    match = re.match(r"control_(?:v11[a-z0-9]*_)?(?:sd[a-z0-9]*_)?([a-z0-9_]+?)(?:[-_]fp16)?$", stem)
+    if match is None:
+        return ConditionMetadata()
+    condition = match.group(1)
+    shuffle = condition == "shuffle"
+    return ConditionMetadata(condition=condition, global_pooling=shuffle, conditional_only=shuffle)
+
+
 def infer_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """A `ControlNetModel` config for weights with diffusers key names, read from their names and shapes.
 
@@ -167,7 +181,9 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     heads = [8] * levels if cross_width == 768 else [max(1, c // 64) for c in channels]
     hint_in = shape("controlnet_cond_embedding.conv_in.weight")  # (first stage channels, condition channels, 3, 3)
     hint_blocks = len(indices(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight"))
-    stages = [hint_in[0]] + [shape(f"controlnet_cond_embedding.blocks.{j}.weight")[0] for j in range(1, hint_blocks, 2)]
+    # blocks alternate a same-width conv and a stride-2 conv that widens: the stages are the widening outputs
+    widening = range(1, hint_blocks, 2)
+    stages = [hint_in[0]] + [shape(f"controlnet_cond_embedding.blocks.{j}.weight")[0] for j in widening]
     config: dict[str, Any] = {
         "in_channels": shape("conv_in.weight")[1],
         "conditioning_channels": hint_in[1],

@@ -12,6 +12,7 @@ EPILOG = """examples:
   controlkit info control_v11p_sd15_canny.pth
   controlkit info models/controlnet-depth/          # a diffusers folder
   controlkit info control_canny.safetensors --json
+  controlkit info control_v11f1p_sd15_depth.pth --base stable-diffusion-v1-5/   # exit 1 if it does not fit
 """
 
 
@@ -25,14 +26,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or diffusers folder")
+    parser.add_argument("--base", metavar="FOLDER",
+                        help="also check that it fits this base model (diffusers pipeline or U-Net folder)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from controlkit.checkpoint import inspect_checkpoint
+    from controlkit.checkpoint import empty_base_unet, inspect_checkpoint
 
-    info = inspect_checkpoint(args.checkpoint)
+    # with --base, a ControlNet that does not fit raises CheckpointError ("checkpoint is for a different base")
+    info = inspect_checkpoint(args.checkpoint, unet=empty_base_unet(args.base) if args.base else None)
     if args.json:
         data = asdict(info)
         data["path"] = str(info.path)
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         ("config", "stored with the weights" if info.config_stored
          else "inferred from the weights (attention heads follow the SD family)"),
     ]
+    if args.base:
+        rows.insert(3, ("fits --base", f"yes ({args.base})"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name + ':':{width + 2}s}{value}")
