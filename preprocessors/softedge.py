@@ -57,8 +57,7 @@ class SoftedgePreprocessor(Preprocessor):
 
     def __init__(self, *, model: str = "hed", network: torch.nn.Module | None = None, safe: bool = False,
                  scribble: bool = False, detect_resolution: int | None = 512) -> None:
-        if model not in MODELS:
-            raise ValueError(f"Unknown soft-edge `model` {model!r}; use one of {', '.join(MODELS)}")
+        _check_model(model)
         if network is None and model == "pidinet":
             raise ValueError("soft-edge model 'pidinet' needs its network: use SoftedgePreprocessor.create("
                              "model='pidinet', weights='path/to/table5_pidinet.pth')")
@@ -86,8 +85,7 @@ class SoftedgePreprocessor(Preprocessor):
             WeightsNotFoundError: nothing found offline; the message says what to pass or install.
             CheckpointError: the file does not hold this network (the message lists the keys).
         """
-        if model not in MODELS:
-            raise ValueError(f"Unknown soft-edge `model` {model!r}; use one of {', '.join(MODELS)}")
+        _check_model(model)
         network = load_softedge_network(model, weights)
         return cls(model=model, network=network, safe=safe, scribble=scribble, detect_resolution=detect_resolution)
 
@@ -164,6 +162,11 @@ def find_softedge_weights(model: str, weights: str | os.PathLike | None = None) 
             raise WeightsNotFoundError(f"{what} weights: {path} has no {file_name}")
         path = path / file_name
     return path
+
+
+def _check_model(model: str) -> None:
+    if model not in MODELS:
+        raise ValueError(f"Unknown soft-edge `model` {model!r}; use one of {', '.join(MODELS)}")
 
 
 def safe_step(edges: np.ndarray, step: int = 2) -> np.ndarray:
