@@ -82,7 +82,8 @@ def test_two_workers_give_the_same_maps_as_one(photo_folder, tmp_path):
     assert main(["annotate", str(photo_folder), "-p", "canny", "-o", str(one), "--quiet"]) == 0
     assert main(["annotate", str(photo_folder), "-p", "canny", "-o", str(two), "--quiet", "--workers", "2"]) == 0
     for path in one.rglob("*.png"):
-        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(two / path.relative_to(one))))
+        twin = two / path.relative_to(one)
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(twin)))
 
 
 @pytest.mark.parametrize(
