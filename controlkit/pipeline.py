@@ -88,8 +88,7 @@ def load_base(
     from controlkit.weights import looks_like_hub_id
 
     path = Path(source).expanduser()
-    options = {"torch_dtype": torch_dtype, "safety_checker": None, "feature_extractor": None,
-               "requires_safety_checker": False}
+    options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
@@ -112,7 +111,8 @@ def load_base(
         raise WeightsNotFoundError(f"base model {source}: weights missing ({_first_line(error)})") from None
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(f"base model {source}: not a loadable Stable Diffusion base ({_first_line(error)})") from None
-    return base.to(device) if device is not None else base
+    # Cast after loading: the keyword for the dtype differs between diffusers releases (torch_dtype / dtype).
+    return base.to(device=device, dtype=torch_dtype) if device is not None or torch_dtype is not None else base
 
 
 def _load_single_file(path: Path, config: str | os.PathLike | None, options: dict[str, Any]) -> Any:
@@ -125,6 +125,8 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, options: dic
         raise CheckpointError(f"base model {path}: the file is {kind} but named {path.name}; fix its extension")
     if config is not None and not (Path(config) / "model_index.json").is_file():
         raise WeightsNotFoundError(f"`config` {config}: not a diffusers folder (no model_index.json)")
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     try:
         return StableDiffusionPipeline.from_single_file(
             str(path), config=None if config is None else str(config), local_files_only=True, **options
@@ -136,6 +138,8 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, options: dic
                 "pass a local diffusers folder of the same architecture as `config` (--base-config)"
             ) from None
         raise error
+    except SingleFileComponentError as error:  # a checkpoint without the text encoder, VAE or U-Net
+        raise CheckpointError(f"base model {path}: {_first_line(error)}") from None
 
 
 def generate(

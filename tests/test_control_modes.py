@@ -43,10 +43,18 @@ def base(components):
 
 
 def trained_controlnet(unet, seed, **options):
-    """A ControlNet with random zero convolutions, as after training (a fresh one adds exactly nothing)."""
+    """A ControlNet as after training: its zero-initialised convolutions (the residual outputs and the
+    conditioning encoder's last layer) are random, so both the condition map and the U-Net features matter."""
     torch.manual_seed(seed)
     controlnet = build_controlnet(unet, conditioning_embedding_out_channels=(16, 32), **options)
-    for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+    return randomise_zero_convs(controlnet)
+
+
+def randomise_zero_convs(controlnet):
+    for conv in (
+        *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ):
         torch.nn.init.normal_(conv.weight, std=0.3)
         torch.nn.init.normal_(conv.bias, std=0.05)
     return controlnet.eval()
@@ -138,6 +146,8 @@ def test_balanced_defaults_equal_diffusers_controlnet_pipeline(components, base,
     result = ours(base, [Control(image, controlnet)])
     np.testing.assert_allclose(result, expected, atol=1e-5, rtol=0)
     assert np.abs(result - base_images(components)).max() > 0.02  # the control really changes the image
+    other_map = ours(base, [Control(shapes_map(1), controlnet)])
+    assert np.abs(result - other_map).max() > 0.02  # and so does its condition map
 
 
 def test_two_controlnets_equal_diffusers_multi_controlnet(components, base, controlnet, second_controlnet):
@@ -268,12 +278,13 @@ def test_bgr_controlnet_equals_diffusers(components, base):
     bgr = ControlNetModel.from_unet(
         components["unet"], controlnet_conditioning_channel_order="bgr", conditioning_embedding_out_channels=(16, 32)
     )
-    for conv in (*bgr.controlnet_down_blocks, bgr.controlnet_mid_block):
-        torch.nn.init.normal_(conv.weight, std=0.3)
+    randomise_zero_convs(bgr)
     image = shapes_map(3)
     image[..., 0] //= 3  # channels differ, so the order matters
-    expected = diffusers_controlnet_images(components, bgr.eval(), Image.fromarray(image))
+    expected = diffusers_controlnet_images(components, bgr, Image.fromarray(image))
     np.testing.assert_allclose(ours(base, [Control(image, bgr)]), expected, atol=1e-5, rtol=0)
+    swapped = np.ascontiguousarray(image[..., ::-1])
+    assert np.abs(ours(base, [Control(swapped, bgr)]) - expected).max() > 1e-3
 
 
 def test_layer_scales_follow_the_reference_profiles(controlnet):
