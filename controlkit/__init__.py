@@ -9,6 +9,7 @@ from controlkit.errors import (
     ConfigError,
     ControlkitError,
     ImageError,
+    MissingDependencyError,
     UnsafeCheckpointError,
     WeightsNotFoundError,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ConfigError",
     "ControlkitError",
     "ImageError",
+    "MissingDependencyError",
     "UnsafeCheckpointError",
     "WeightsNotFoundError",
     "__version__",

@@ -30,3 +30,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class ConfigError(ControlkitError, ValueError):
     """A configuration with bad keys or values; the message lists every problem."""
+
+
+class MissingDependencyError(ControlkitError, ImportError):
+    """An optional package that a feature needs is not installed; the message gives the install command."""

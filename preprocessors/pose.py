@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from controlkit.errors import MissingDependencyError
 from controlkit.image import ImageInput, load_image, to_pil
 from preprocessors.base import Preprocessor, check_detect_resolution
 from preprocessors.openpose import draw_openpose, empty_pose, flatten_keypoints
@@ -244,7 +245,7 @@ def _build_solution(kind: str, min_detection_confidence: float) -> Any:
     try:
         from mediapipe.python.solutions import face_mesh, hands, pose
     except ImportError:
-        raise ImportError(f"the pose preprocessor needs mediapipe: {_INSTALL}") from None
+        raise MissingDependencyError(f"the pose preprocessor needs mediapipe: {_INSTALL}") from None
     if kind == "pose":
         # model_complexity=1 is the only pose model the wheel bundles (0 and 2 are downloaded at run time).
         return pose.Pose(static_image_mode=True, model_complexity=1, enable_segmentation=False,

@@ -94,7 +94,7 @@ PREPROCESSORS: dict[str, PreprocessorSpec] = {
             "MIT (method); depends on the depth model",
         ),
         PreprocessorSpec(
-            "aux", "preprocessors.aux:AuxPreprocessor",
+            "aux", "preprocessors.controlnet_aux_backend:AuxPreprocessor",
             "any controlnet_aux detector by name (needs controlnet_aux, which needs a CUDA torch)",
             "controlnet_aux weights folder (local)", "per detector (see controlnet_aux)",
         ),

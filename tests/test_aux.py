@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from controlkit.errors import ControlkitError
-from preprocessors.aux import DETECTORS, AuxPreprocessor, detector_class_name
+from preprocessors.controlnet_aux_backend import DETECTORS, AuxPreprocessor, detector_class_name
 from preprocessors.registry import PREPROCESSORS, get_preprocessor
 
 AUX_MISSING = importlib.util.find_spec("controlnet_aux") is None

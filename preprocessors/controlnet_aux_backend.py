@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from controlkit.errors import ControlkitError
+from controlkit.errors import ControlkitError, MissingDependencyError
 from controlkit.image import load_image
 from controlkit.weights import looks_like_hub_id, resolve_weights
 from preprocessors.base import Preprocessor
@@ -64,7 +64,7 @@ def import_controlnet_aux() -> Any:
     try:
         return importlib.import_module("controlnet_aux")
     except ImportError as error:  # not installed, or its torchvision/timm cannot load with this torch
-        raise ControlkitError(f"cannot import controlnet_aux ({error}). {_INSTALL_HINT}") from None
+        raise MissingDependencyError(f"cannot import controlnet_aux ({error}). {_INSTALL_HINT}") from None
 
 
 class AuxPreprocessor(Preprocessor):
