@@ -119,3 +119,18 @@ def test_preprocessors_lists_every_entry_with_status_and_license(capsys):
     for name, spec in PREPROCESSORS.items():
         assert f"\n{name}" in f"\n{out}" and spec.license in out
     assert "canny      ready" in out
+
+
+def test_pose_json_keypoints_are_written_next_to_the_map(tmp_path):
+    import json
+
+    from skimage import data
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    out = tmp_path / "poses"
+    assert main(["annotate", str(tmp_path / "astronaut.png"), "-p", "pose", "--json", "-o", str(out), "--quiet"]) == 0
+    keypoints = json.loads((out / "astronaut.json").read_text())
+    assert keypoints["canvas_width"] == 512 and len(keypoints["people"]) == 1
+    nose_x, nose_y, confidence = keypoints["people"][0]["pose_keypoints_2d"][:3]
+    assert confidence > 0 and abs(nose_x - 223) < 25 and abs(nose_y - 128) < 25
+    assert np.asarray(Image.open(out / "astronaut.png")).max() > 0
