@@ -217,10 +217,13 @@ def load_checkpoint(accelerator: Any, path: str | Path, objects: TrainingObjects
     else:
         load_trained_state(objects.trained, load_file(str(path / "trained.safetensors")))
         objects.optimizer.load_state_dict(read_state(path / "optimizer"))
+        _match_layouts(objects.optimizer)
     if objects.ema is not None:
         if not (path / "ema.json").exists():
             raise CheckpointError(f"{path} has no EMA state but ema.enabled is true; resume with ema.enabled=false")
         objects.ema.load_state_dict(read_state(path / "ema"))
+        parameters = [p for module in objects.trained.values() for p in module.parameters() if p.requires_grad]
+        objects.ema.shadow_params = [like(shadow, p) for shadow, p in zip(objects.ema.shadow_params, parameters)]
     state = read_state(path / "state")
     objects.lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
     rng_file = path / f"rng-{accelerator.process_index}"
@@ -228,6 +231,26 @@ def load_checkpoint(accelerator: Any, path: str | Path, objects: TrainingObjects
         raise CheckpointError(f"{path} has no random state for process {accelerator.process_index}")
     restore_rng(read_state(rng_file), objects.generator)
     return state
+
+
+def _match_layouts(optimizer: Any) -> None:
+    """Give restored optimizer state the memory layout of its parameters (channels-last convolutions): a fresh
+    state is created `zeros_like(param)`, and kernels round differently on differently strided tensors."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for name, value in state.items():
+                if hasattr(value, "shape") and value.shape == parameter.shape:
+                    state[name] = like(value, parameter)
+
+
+def like(value: "torch.Tensor", parameter: "torch.Tensor") -> "torch.Tensor":
+    """`value` with the strides of `parameter` (same shape), its own dtype."""
+    import torch
+
+    if value.stride() == parameter.stride():
+        return value
+    return torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def verify_checkpoint(path: Path) -> None:

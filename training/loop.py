@@ -69,12 +69,13 @@ class LoopState:
     skipped_pairs: int = 0
     stopped_by: int = 0
     recent_losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per optimizer step of this session; NaN: skipped
 
 
 def run_loop(run: "Run", start_step: int) -> LoopState:
     """Train from optimizer step `start_step` to `train.max_steps` (or until a stop signal)."""
     config, accelerator = run.config, run.accelerator
-    state = LoopState(step=start_step)
+    state = LoopState(step=start_step, **run.counters)
     progress = _progress_bar(run, start_step)
     window_start, window_steps = time.perf_counter(), 0
     with StopFlag() as stop:
@@ -83,6 +84,7 @@ def run_loop(run: "Run", start_step: int) -> LoopState:
             for step in range(first, last):
                 loss = optimizer_step(run, step, micro_batches, state)
                 state.step, window_steps = step + 1, window_steps + 1
+                state.losses.append(math.nan if loss is None else loss)
                 if loss is not None:
                     state.recent_losses.append(loss)
                 if state.step % config.logging.every_steps == 0 or state.step == config.train.max_steps:
@@ -90,6 +92,8 @@ def run_loop(run: "Run", start_step: int) -> LoopState:
                     run.log_metrics(state, rate, progress)
                     window_start, window_steps, state.recent_losses = time.perf_counter(), 0, []
                 progress.update(1)
+                if run.on_step is not None:
+                    run.on_step(state.step)
                 state.stopped_by = stop.agreed(accelerator)
                 if state.stopped_by or _due(state.step, config.checkpoint.every_steps):
                     run.save_checkpoint(state)

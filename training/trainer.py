@@ -19,6 +19,7 @@ checkpoints in training/checkpointing.py. Output, in `train.output_dir`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 @dataclass
 class TrainResult:
     """What a run ended with: the step reached, the final model folder (None when interrupted), the last
-    checkpoint, and the signal that stopped it (0: ran to the end)."""
+    checkpoint, the signal that stopped it (0: ran to the end), counters, and the mean loss of each optimizer
+    step run in this session (NaN for a skipped step)."""
 
     step: int
     output: Path | None
@@ -46,18 +48,24 @@ class TrainResult:
     stopped_by: int
     nonfinite_steps: int
     skipped_pairs: int
+    losses: list[float]
 
 
-def train(config: "TrainConfig") -> TrainResult:
-    """Run a training job to `train.max_steps` (resuming per `checkpoint.resume`); see the module docstring."""
+def train(config: "TrainConfig", *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Run a training job to `train.max_steps` (resuming per `checkpoint.resume`); see the module docstring.
+
+    Args:
+        on_step: called on the main thread after every optimizer step with the number of steps done.
+    """
     run = Run.create(config)
+    run.on_step = on_step
     try:
         state = run_loop(run, run.start_step)
         if not state.stopped_by and run.last_saved_step != state.step:
             run.save_checkpoint(state)
         output = None if state.stopped_by else run.save_output()
         return TrainResult(state.step, output, run.last_checkpoint, state.stopped_by, state.nonfinite_total,
-                           state.skipped_pairs)
+                           state.skipped_pairs, state.losses)
     finally:
         run.accelerator.end_training()
 
@@ -67,6 +75,8 @@ class Run:
 
     last_saved_step = -1
     last_checkpoint: Path | None = None
+    on_step: Callable[[int], None] | None = None
+    counters: dict[str, int] = {}  # restored from the checkpoint a run resumes
 
     @classmethod
     def create(cls, config: "TrainConfig") -> "Run":
@@ -142,6 +152,9 @@ class Run:
             self.dataset, batch_sampler=ProcessBatches(self.sampler, first, last, self.accelerator.process_index),
             collate_fn=collate_pairs, num_workers=self.config.data.num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
+            # Its own generator: worker seeds are drawn from it, not from the global torch RNG, which then evolves
+            # the same in a resumed run as in a straight one.
+            generator=torch.Generator().manual_seed(self.config.train.seed + epoch),
         )
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -153,7 +166,8 @@ class Run:
         run_state = {
             "step": state.step, "data": self.sampler.state(state.step), "config": self.config.flat(),
             "world_size": self.accelerator.num_processes,
-            "counters": {"nonfinite_total": state.nonfinite_total, "skipped_pairs": state.skipped_pairs},
+            "counters": {"nonfinite_total": state.nonfinite_total, "nonfinite_in_a_row": state.nonfinite_in_a_row,
+                         "skipped_pairs": state.skipped_pairs, "overflow_skips": state.overflow_skips},
         }
         self.last_checkpoint = checkpointing.save_checkpoint(
             self.accelerator, self.checkpoints, state.step, self.objects(), run_state,
@@ -177,6 +191,7 @@ class Run:
                 "checkpoint.allow_config_change=true"
             )
         self.last_saved_step, self.last_checkpoint = saved["step"], path
+        self.counters = saved["counters"]
         return int(saved["step"])
 
     # -- logging, validation, output -----------------------------------------------------------------------------

@@ -1,0 +1,41 @@
+"""Shared setup of the trainer tests: a tiny real base model folder and a small paired dataset, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Sizes that make a training step take milliseconds on a CPU: 16 px images, x2 VAE -> 8 x 8 latents.
+RESOLUTION = 16
+
+
+def make_world(root: Path, pairs: int = 16) -> tuple[Path, Path]:
+    """(base model folder, dataset manifest) under `root`: controlkit.tiny components and toy-world circles."""
+    from controlkit.tiny import TinyConfig, build_components, save_components
+    from training.toyworld_dataset import write_dataset
+
+    tiny = TinyConfig(block_out_channels=(16, 32), vae_channels=(16, 32), cross_attention_dim=32, sample_size=8)
+    base = save_components(build_components(tiny, seed=0), root / "base")
+    manifest = write_dataset(root / "circles", pairs, kind="circles", condition="outline", size=32)
+    return base, manifest
+
+
+def overrides(base: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    """Config overrides for a quiet, fast tiny run (extra ones last, so they win)."""
+    return [
+        f"model.base={base}", "model.condition=canny", f"data.source={data}", f"data.resolution={RESOLUTION}",
+        f"train.output_dir={output}", "train.batch_size=2", "train.max_steps=4", "optim.learning_rate=1e-3",
+        "checkpoint.every_steps=0", "logging.report_to=none", "logging.progress_bar=false", "logging.every_steps=1000",
+        *extra,
+    ]
+
+
+def tiny_config(base: Path, data: Path, output: Path, *extra: str):
+    from training.config import load_config
+
+    return load_config(None, overrides(base, data, output, *extra))
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
