@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from controlkit.checkpoint import (
@@ -76,7 +77,8 @@ def test_diffusers_folder_round_trip_keeps_weights_and_metadata(controlnet, unet
     folder = save_controlnet(controlnet, tmp_path / "canny", CANNY)
     config = json.loads((folder / "config.json").read_text())
     assert config["_controlkit"]["preprocessor_params"] == {"low_threshold": 100, "high_threshold": 200}
-    header = __import__("safetensors").safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt").metadata()
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as reader:
+        header = reader.metadata()
     assert json.loads(header["controlkit"])["condition"] == "canny" and header["format"] == "pt"
     model, metadata = load_controlnet(folder, unet=unet)
     assert metadata == CANNY
@@ -362,3 +364,12 @@ def test_unknown_globals_are_named(controlnet, tmp_path):
     torch.save({"state_dict": _original_dict(controlnet), "extra": _Unknown()}, tmp_path / "odd.ckpt")
     with pytest.raises(UnsafeCheckpointError, match=r"would need test_checkpoint\._Unknown"):
         load_controlnet(tmp_path / "odd.ckpt")
+
+
+def test_pickles_are_refused_on_a_torch_without_a_safe_unpickler(controlnet, tmp_path, monkeypatch):
+    torch.save(_original_dict(controlnet), tmp_path / "control.pth")
+    save_file(_original_dict(controlnet), str(tmp_path / "control.safetensors"))
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(UnsafeCheckpointError, match="torch 2.5.1 cannot unpickle safely"):
+        load_controlnet(tmp_path / "control.pth")
+    assert load_controlnet(tmp_path / "control.safetensors")[0] is not None  # safetensors needs no unpickler

@@ -166,3 +166,24 @@ def test_a_mid_block_without_cross_attention_cannot_be_exported():
     with pytest.raises(CheckpointError, match="mid_block_type"):
         OriginalLayout.from_config({"block_out_channels": (32,), "layers_per_block": 1,
                                     "mid_block_type": "UNetMidBlock2D"})
+
+
+@pytest.mark.slow
+def test_full_size_sd15_round_trip_and_diffusers_single_file_parity(tmp_path):
+    """A real-size SD1.5 ControlNet (361M parameters, 1.4 GB): our export is exact and diffusers reads it."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    from controlkit.checkpoint import load_controlnet
+
+    controlnet = ControlNetModel.from_config(SD15)
+    exported = save_controlnet(controlnet, tmp_path / "control_v11p_sd15_canny.safetensors",
+                               ConditionMetadata(condition="canny"), original=True)
+    assert len(load_file(exported)) == 340  # as in the released 1.1 files
+    loaded, metadata = load_controlnet(exported)
+    reference = controlnet.state_dict()
+    assert metadata.condition == "canny"
+    assert all(torch.equal(value, reference[key]) for key, value in loaded.state_dict().items())
+    controlnet.save_config(tmp_path / "config")
+    theirs = ControlNetModel.from_single_file(str(exported), config=str(tmp_path / "config"), local_files_only=True)
+    assert all(torch.equal(value, reference[key]) for key, value in theirs.state_dict().items())
