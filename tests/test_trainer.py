@@ -1,0 +1,202 @@
+"""The trainer on tiny real components: what trains, what stays frozen, faults, modes, outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import RESOLUTION, load_tensors, make_world, tiny_config
+
+from controlkit.errors import ConfigError
+from training.loop import TrainingDiverged, run_loop
+from training.step import StepInputs, prediction_target, training_loss
+from training.trainer import Run, train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {name for name, tensor in module.state_dict().items() if not torch.equal(before[name], tensor)}
+
+
+def test_only_the_controlnet_trains_and_its_zero_convolutions_leave_zero(world, tmp_path):
+    base, data = world
+    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.max_steps=3"))
+    parts = run.parts
+    frozen = {name: _weights(getattr(parts, name)) for name in ("unet", "vae", "text_encoder")}
+    controlnet_before = _weights(parts.controlnet)
+    zero_convs = [*parts.controlnet.controlnet_down_blocks, parts.controlnet.controlnet_mid_block]
+    assert all(torch.count_nonzero(conv.weight) == 0 for conv in zero_convs)
+
+    state = run_loop(run, 0)
+    assert state.step == 3 and all(math.isfinite(loss) for loss in state.losses)
+    for name, before in frozen.items():
+        assert not _changed(before, getattr(parts, name)), f"the frozen {name} changed"
+    assert len(_changed(controlnet_before, parts.controlnet)) > 0.9 * len(controlnet_before)
+    assert all(torch.count_nonzero(conv.weight) > 0 for conv in zero_convs)
+    assert all(p.dtype == torch.float32 for p in run.parameters)
+
+
+def test_non_finite_losses_skip_the_update_and_stop_after_too_many_in_a_row(world, tmp_path):
+    base, data = world
+    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.max_steps=4"))
+    poisoned_calls = {2}  # the U-Net's 3rd forward (step 3): its prediction becomes NaN
+    calls = [0]
+
+    def poison(module, inputs, output):
+        calls[0] += 1
+        return (output[0] * math.nan,) if calls[0] - 1 in poisoned_calls else output
+
+    run.parts.unet.register_forward_hook(poison)
+    snapshots = {}
+    run.on_step = lambda step: snapshots.update({step: _weights(run.parts.controlnet)})
+    state = run_loop(run, 0)
+    assert state.nonfinite_total == 1 and math.isnan(state.losses[2])
+    assert all(math.isfinite(loss) for i, loss in enumerate(state.losses) if i != 2)
+    assert all(torch.equal(snapshots[2][name], snapshots[3][name]) for name in snapshots[2])  # no update at step 3
+    assert _changed(snapshots[3], run.parts.controlnet)  # step 4 updates again
+    assert run.lr_scheduler.last_epoch == 3  # the schedule advanced for the 3 real updates only
+
+    poisoned_calls.update(range(100))
+    config = tiny_config(base, data, tmp_path / "diverging", "train.max_consecutive_nonfinite=2")
+    diverging = Run.create(config)
+    calls[0] = 0
+    diverging.parts.unet.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged, match="2 non-finite losses in a row at step 2 .* weights are unchanged"):
+        run_loop(diverging, 0)
+
+
+def test_caching_on_and_off_follow_the_same_loss_trajectory(world, tmp_path):
+    base, data = world
+    settings = ("train.max_steps=4", "data.proportion_empty_prompts=0.5")
+    cached = train(tiny_config(base, data, tmp_path / "cached", *settings))
+    per_step = train(tiny_config(base, data, tmp_path / "per-step", *settings, "data.cache_encodings=false"))
+    assert (tmp_path / "cached" / "cache").is_dir() and not (tmp_path / "per-step" / "cache").exists()
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(per_step.losses), rtol=1e-4, atol=1e-5)
+    expected = load_tensors(cached.output / "diffusion_pytorch_model.safetensors")
+    actual = load_tensors(per_step.output / "diffusion_pytorch_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-3, atol=1e-5)
+
+
+def test_final_controlnet_has_metadata_and_generates(world, tmp_path):
+    from controlkit.checkpoint import load_controlnet
+    from controlkit.control import Control
+    from controlkit.pipeline import generate, load_base
+
+    base, data = world
+    result = train(tiny_config(base, data, tmp_path / "run", "train.max_steps=2", "checkpoint.save_original=true"))
+    controlnet, metadata = load_controlnet(result.output)
+    assert (metadata.condition, metadata.base) == ("canny", "custom (cross-attention 32)")
+    original, original_metadata = load_controlnet(tmp_path / "run" / "run.safetensors")
+    assert original_metadata.condition == "canny"
+    for name, tensor in controlnet.state_dict().items():
+        assert torch.equal(original.state_dict()[name], tensor)
+    condition = np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)
+    condition[4:12, 4:12] = 255
+    image = generate(load_base(base), "a red circle", [Control(condition, controlnet)], steps=2, seed=0,
+                     output_type="np").images
+    assert image.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(image).all()
+
+
+def test_unlock_decoder_trains_the_decoder_and_only_mid_control_leaves_skip_outputs_unused(world, tmp_path):
+    from controlkit.pipeline import load_base
+
+    base, data = world
+    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.max_steps=2", "model.unlock_decoder=true",
+                                 "model.only_mid_control=true"))
+    unet_before = _weights(run.parts.unet)
+    run_loop(run, 0)
+    changed = _changed(unet_before, run.parts.unet)
+    assert changed and all(name.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")) for name in changed)
+    assert any(name.startswith("up_blocks.") for name in changed)
+    controlnet = run.parts.controlnet
+    assert all(torch.count_nonzero(conv.weight) == 0 for conv in controlnet.controlnet_down_blocks)
+    assert torch.count_nonzero(controlnet.controlnet_mid_block.weight) > 0
+    run.save_output()
+    saved_unet = load_base(tmp_path / "run" / "base").unet
+    for name in changed:
+        assert torch.equal(saved_unet.state_dict()[name], run.parts.unet.state_dict()[name])
+
+
+def test_base_mode_trains_a_unet_from_scratch_and_lowers_the_loss(world, tmp_path):
+    from controlkit.pipeline import generate, load_base
+
+    base, data = world
+    config = tiny_config(base, data, tmp_path / "run", "model.kind=base", "model.condition=", "train.max_steps=30",
+                         "train.batch_size=4", "model.train_text_encoder=true", "optim.learning_rate=2e-3",
+                         "model.prediction_type=v_prediction")
+    run = Run.create(config)
+    generator = torch.Generator().manual_seed(1)
+    probe = [run.dataset[i] for i in range(8)]
+    latents = torch.randn((8, 4, RESOLUTION // 2, RESOLUTION // 2), generator=generator)
+
+    def probe_loss() -> float:
+        from training.features import encode_images, encode_prompts, sample_latents
+
+        with torch.no_grad():
+            moments = encode_images(run.parts.vae, torch.stack([item["pixel_values"] for item in probe]))
+            inputs = StepInputs(
+                sample_latents(run.parts.vae.config, moments, latents),
+                encode_prompts(run.parts.tokenizer, run.parts.text_encoder, [item["prompt"] for item in probe]),
+                None, torch.randn(latents.shape, generator=torch.Generator().manual_seed(2)),
+                torch.arange(50, 1000, 120), torch.ones(8),
+            )
+            return float(training_loss(run.parts.unet, None, run.parts.noise_scheduler, inputs))
+
+    before = probe_loss()
+    run_loop(run, 0)
+    after = probe_loss()
+    assert after < 0.7 * before, (before, after)
+    output = run.save_output()
+    trained = load_base(output)
+    assert trained.scheduler.config.prediction_type == "v_prediction"
+    image = generate(trained, "a red circle on a blue background", steps=2, seed=0, width=RESOLUTION,
+                     height=RESOLUTION, output_type="np").images
+    assert image.shape == (1, RESOLUTION, RESOLUTION, 3)
+
+
+def test_bad_pairs_are_left_out_when_caching_and_skipped_per_batch_without(world, tmp_path):
+    base, data = world
+    broken = data.parent / "images" / "000003.png"
+    content = broken.read_bytes()
+    try:
+        broken.write_bytes(content[:40])  # a truncated PNG
+        cached = Run.create(tiny_config(base, data, tmp_path / "cached"))
+        assert len(cached.sampler.indices) == 15 and 3 not in cached.sampler.indices
+        per_step = train(tiny_config(base, data, tmp_path / "per-step", "data.cache_encodings=false",
+                                     "train.max_steps=8"))
+        assert per_step.skipped_pairs == 1 and all(math.isfinite(loss) for loss in per_step.losses)
+    finally:
+        broken.write_bytes(content)
+
+
+def test_prediction_target_follows_the_scheduler_and_rejects_others():
+    from diffusers import DDPMScheduler
+
+    latents, noise, timesteps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    assert prediction_target(DDPMScheduler(prediction_type="epsilon"), latents, noise, timesteps) is noise
+    velocity = DDPMScheduler(prediction_type="v_prediction")
+    torch.testing.assert_close(prediction_target(velocity, latents, noise, timesteps),
+                               velocity.get_velocity(latents, noise, timesteps))
+    with pytest.raises(ValueError, match="Unknown prediction type 'sample'"):
+        prediction_target(DDPMScheduler(prediction_type="sample"), latents, noise, timesteps)
+
+
+def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(world, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    base, data = world
+    with pytest.raises(ConfigError, match="needs bitsandbytes: pip install bitsandbytes"):
+        train(tiny_config(base, data, tmp_path / "run", "optim.name=adamw8bit"))
