@@ -88,7 +88,8 @@ def load_base(
     from controlkit.weights import looks_like_hub_id
 
     path = Path(source).expanduser()
-    options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+               **_dtype_option(torch_dtype)}
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
@@ -111,8 +112,16 @@ def load_base(
         raise WeightsNotFoundError(f"base model {source}: weights missing ({_first_line(error)})") from None
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(f"base model {source}: not a loadable Stable Diffusion base ({_first_line(error)})") from None
-    # Cast after loading: the keyword for the dtype differs between diffusers releases (torch_dtype / dtype).
-    return base.to(device=device, dtype=torch_dtype) if device is not None or torch_dtype is not None else base
+    return base.to(device) if device is not None else base
+
+
+def _dtype_option(dtype: torch.dtype | None) -> dict[str, Any]:
+    """diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name now warns); older releases know only the old."""
+    if dtype is None:
+        return {}
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
 def _load_single_file(path: Path, config: str | os.PathLike | None, options: dict[str, Any]) -> Any:

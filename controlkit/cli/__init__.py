@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from controlkit.errors import ControlkitError
 
 #: Subcommand modules under controlkit.cli, in the order `--help` lists them.
-COMMANDS = ("demo", "annotate", "preprocessors", "convert", "info", "dataset", "eval", "train")
+COMMANDS = ("demo", "annotate", "preprocessors", "generate", "convert", "info", "dataset", "eval", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
