@@ -144,10 +144,7 @@ def _read_folder(path: Path) -> ReadCheckpoint:
     if not config_path.is_file():
         raise WeightsNotFoundError(f"{path} is a folder without config.json; pass a diffusers ControlNet folder "
                                    "or a weights file")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{config_path} is not valid JSON ({error})") from None
+    config = _json(config_path.read_bytes(), str(config_path))
     class_name = config.get("_class_name", "ControlNetModel")
     if class_name != "ControlNetModel":
         raise CheckpointError(f"{config_path} describes a {class_name}, not a ControlNetModel")
@@ -161,7 +158,10 @@ def _read_folder(path: Path) -> ReadCheckpoint:
 def _read_folder_weights(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
     index = folder / f"{WEIGHTS_NAME}.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _json(index.read_bytes(), str(index)).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map; the sharded checkpoint is incomplete")
+        shards = sorted(set(weight_map.values()))
         state_dict: dict[str, Any] = {}
         header: dict[str, str] = {}
         for shard in shards:
@@ -180,7 +180,9 @@ def _read_folder_weights(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 def _read_file(path: Path) -> ReadCheckpoint:
     raw = read_tensors(path, keep=lambda key: not key.startswith(_SD_PREFIXES))
-    stored_config = json.loads(raw.metadata[CONFIG_KEY]) if CONFIG_KEY in raw.metadata else None
+    stored_config = None
+    if CONFIG_KEY in raw.metadata:
+        stored_config = _json(raw.metadata[CONFIG_KEY], f"{path}: the stored config")
     keys = raw.tensors.keys()
     if any(key.startswith((CONTROL_PREFIX, "input_hint_block.")) for key in keys):
         layout = OriginalLayout.from_config(stored_config) if stored_config else None
@@ -309,7 +311,10 @@ def _config_from_unet(unet: UNet2DConditionModel, inferred: dict[str, Any]) -> d
 
 def _instantiate(read: ReadCheckpoint) -> ControlNetModel:
     model = _empty_model(read.config)
-    model.load_state_dict(read.state_dict, strict=True, assign=True)
+    try:
+        model.load_state_dict(read.state_dict, strict=True, assign=True)
+    except RuntimeError as error:  # keys and shapes were checked; this is a config/U-Net disagreement
+        raise CheckpointError(f"{read.path}: {str(error).splitlines()[0]}") from None
     return model.eval()
 
 
@@ -330,6 +335,8 @@ def save_controlnet(
     Files are written under a temporary name and renamed, so an interrupted save never leaves a partial file.
     """
     config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
+    if config.get("global_pool_conditions") and not metadata.global_pooling:  # the model's setting wins
+        metadata = replace(metadata, global_pooling=True)
     config["global_pool_conditions"] = metadata.global_pooling
     state_dict = {key: value.detach().contiguous() for key, value in controlnet.state_dict().items()}
     header = {"format": "pt", **metadata.to_metadata()}
@@ -387,6 +394,16 @@ def inspect_checkpoint(source: str | os.PathLike, *, unet: UNet2DConditionModel 
         conditioning_channels=int(read.config.get("conditioning_channels", 3)),
         config_stored=read.config_stored,
     )
+
+
+def _json(text: str | bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{what} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{what} is not a JSON object")
+    return value
 
 
 def _first(keys: list[str], count: int = 3) -> str:

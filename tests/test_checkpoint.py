@@ -373,3 +373,25 @@ def test_pickles_are_refused_on_a_torch_without_a_safe_unpickler(controlnet, tmp
     with pytest.raises(UnsafeCheckpointError, match="torch 2.5.1 cannot unpickle safely"):
         load_controlnet(tmp_path / "control.pth")
     assert load_controlnet(tmp_path / "control.safetensors")[0] is not None  # safetensors needs no unpickler
+
+
+def test_damaged_configs_are_reported(controlnet, tmp_path):
+    folder = save_controlnet(controlnet, tmp_path / "canny", CANNY)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        load_controlnet(folder)
+    state = _original_dict(controlnet)
+    save_file(state, str(tmp_path / "odd.safetensors"), metadata={"controlkit_config": "[1, 2]"})
+    with pytest.raises(CheckpointError, match="the stored config is not a JSON object"):
+        load_controlnet(tmp_path / "odd.safetensors")
+
+
+def test_model_global_pooling_is_kept_when_saving(unet, tmp_path):
+    from diffusers import ControlNetModel
+
+    config = {k: v for k, v in build_controlnet(unet).config.items() if not k.startswith("_")}
+    pooled = ControlNetModel.from_config({**config, "global_pool_conditions": True})
+    assert pooled.config.global_pool_conditions
+    folder = save_controlnet(pooled, tmp_path / "pooled", ConditionMetadata(condition="shuffle"))
+    model, metadata = load_controlnet(folder)
+    assert model.config.global_pool_conditions and metadata.global_pooling
