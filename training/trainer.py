@@ -226,6 +226,7 @@ def make_accelerator(config: "TrainConfig") -> Any:
 
     output = Path(config.train.output_dir)
     accelerator = Accelerator(
+        cpu=_cpu_processes(),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,
         log_with=None if config.logging.report_to == "none" else config.logging.report_to,
@@ -237,6 +238,17 @@ def make_accelerator(config: "TrainConfig") -> Any:
                    for key, value in config.flat().items()}
         accelerator.init_trackers("controlkit", config=hparams)
     return accelerator
+
+
+def _cpu_processes() -> bool:
+    """Several processes (torchrun) on a machine without accelerators: accelerate joins them over gloo only when
+    told to run on the CPU (`accelerate launch` tells it; torchrun does not)."""
+    import os
+
+    import torch
+
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return not has_accelerator and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _check_output(output_dir: Path, checkpoints: Path, resume: str) -> Path | None:

@@ -8,6 +8,7 @@ write, too many non-finite losses), 128 + N when stopped by signal N after savin
 from __future__ import annotations
 
 import argparse
+import os
 
 from controlkit.cli.common import HelpFormatter
 
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":  # several processes: the first one reports
+        return 128 + result.stopped_by if result.stopped_by else 0
     if result.stopped_by:
         print(f"stopped by signal {result.stopped_by} at step {result.step}; checkpoint: {result.checkpoint} "
               "(continue with checkpoint.resume=latest)")
