@@ -122,7 +122,7 @@ class Run:
                            caption_column=data.caption_column)
         if data.max_samples:
             pairs = pairs[: data.max_samples]
-        condition_fn = None
+        condition_fn = image_as_condition if config.model.kind == "base" else None  # a base model uses none
         if data.preprocessor:
             ranges = {name: tuple(bounds) for name, bounds in data.randomize.items()}
             condition_fn = make_condition_fn(data.preprocessor, data.preprocessor_params, ranges)
@@ -215,6 +215,11 @@ class Run:
         from training.output import save_output
 
         return save_output(self)
+
+
+def image_as_condition(image: Any, rng: Any) -> Any:
+    """The condition function of base-model training: pairs need no map, and the image stands in for it."""
+    return image
 
 
 def make_accelerator(config: "TrainConfig") -> Any:
