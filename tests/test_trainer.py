@@ -107,6 +107,15 @@ def test_final_controlnet_has_metadata_and_generates(world, tmp_path):
                      output_type="np").images
     assert image.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(image).all()
 
+    from PIL import Image
+
+    from controlkit.cli import main
+
+    Image.fromarray(condition).save(tmp_path / "edges.png")
+    assert main(["generate", "a red circle", "--base", str(base), "--controlnet", f"canny={result.output}",
+                 "--control", f"canny={tmp_path / 'edges.png'}", "--steps", "2", "-o", str(tmp_path / "out.png")]) == 0
+    assert Image.open(tmp_path / "out.png").size == (RESOLUTION, RESOLUTION)
+
 
 def test_unlock_decoder_trains_the_decoder_and_only_mid_control_leaves_skip_outputs_unused(world, tmp_path):
     from controlkit.pipeline import load_base
@@ -200,3 +209,19 @@ def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(world, tmp_path):
     base, data = world
     with pytest.raises(ConfigError, match="needs bitsandbytes: pip install bitsandbytes"):
         train(tiny_config(base, data, tmp_path / "run", "optim.name=adamw8bit"))
+
+
+def test_validation_generates_grids_through_the_pipeline_and_measures_controllability(world, tmp_path):
+    from PIL import Image
+
+    base, data = world
+    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.max_steps=2", "validation.every_steps=2",
+                                 "validation.count=3", "validation.num_inference_steps=2"))
+    assert len(run.validator.prompts) == 3
+    state = run_loop(run, 0)
+    assert state.step == 2
+    grid = Image.open(tmp_path / "run" / "validation" / "step-00000002.png")
+    assert grid.size == (3 * RESOLUTION, 3 * RESOLUTION)  # condition | generated | target, one row per pair
+    values = run.validator.run(2, should_stop=lambda: False)
+    assert set(values) == {"validation/edge_f1"} and 0.0 <= values["validation/edge_f1"] <= 1.0
+    assert run.validator.run(3, should_stop=lambda: True) == {}  # a stop signal ends validation early

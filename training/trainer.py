@@ -108,6 +108,9 @@ class Run:
         self.lr_scheduler = build_lr_scheduler(config, self.optimizer)
         self.ema = build_ema(config, self.parameters)
         names = list(self.parts.trained)
+        deepspeed = accelerator.state.deepspeed_plugin
+        if deepspeed is not None:  # our DataLoaders are not prepared, so DeepSpeed is told the batch size
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train.batch_size
         prepared = accelerator.prepare(*self.parts.trained.values(), self.optimizer)
         self.forward_modules = dict(zip(names, prepared[:-1]))
         self.optimizer = prepared[-1]
@@ -201,7 +204,7 @@ class Run:
         values = {
             "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_second": samples_per_second,
             "memory_gib": peak_memory_gib(self.accelerator.device), "nonfinite_steps": state.nonfinite_total,
-            "skipped_pairs": state.skipped_pairs,
+            "skipped_pairs": state.skipped_pairs, "fp16_overflow_steps": state.overflow_skips,
         }
         self.accelerator.log(values, step=state.step)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", sps=f"{samples_per_second:.1f}",

@@ -34,6 +34,10 @@ class Validator:
         pairs = load_pairs(validation.source or data.source, image_column=data.image_column,
                            conditioning_column=data.conditioning_column, caption_column=data.caption_column)
         condition_fn = make_condition_fn(data.preprocessor, data.preprocessor_params) if data.preprocessor else None
+        if config.model.kind == "base":
+            from training.trainer import image_as_condition
+
+            condition_fn = image_as_condition
         dataset = PairedDataset(pairs[: validation.count * 2], resolution=data.resolution, condition_fn=condition_fn,
                                 seed=config.train.seed)
         items = [item for item in (dataset[i] for i in range(len(dataset))) if item is not None][: validation.count]
@@ -121,9 +125,9 @@ class Validator:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(self.folder / f"step-{step:08d}.png")
-        tracker = _tensorboard(self.run_ref.accelerator)
-        if tracker is not None:
-            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+        for tracker in self.run_ref.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", grid, step, dataformats="HWC")
 
     def _measure(self, generated: list["np.ndarray"]) -> dict[str, float]:
         from training.metrics import METRICS, controllability
@@ -157,9 +161,3 @@ def _grid(*columns: list["np.ndarray"]) -> "np.ndarray":
     rows = [np.concatenate(row, axis=1) for row in zip(*columns)]
     return np.concatenate(rows, axis=0)
 
-
-def _tensorboard(accelerator: Any) -> Any:
-    try:
-        return accelerator.get_tracker("tensorboard", unwrap=False)
-    except (ValueError, KeyError, AttributeError):
-        return None
