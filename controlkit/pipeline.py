@@ -97,7 +97,9 @@ def load_base(
                     f"base model {source}: not a diffusers folder (no model_index.json); pass a folder written by "
                     "save_pretrained, or a single .safetensors checkpoint"
                 )
-            base = StableDiffusionPipeline.from_pretrained(path, use_safetensors=True, local_files_only=True, **options)
+            base = StableDiffusionPipeline.from_pretrained(
+                path, use_safetensors=True, local_files_only=True, **options
+            )
         elif path.is_file():
             base = _load_single_file(path, config, options)
         elif looks_like_hub_id(str(source)):
@@ -111,7 +113,9 @@ def load_base(
     except OSError as error:
         raise WeightsNotFoundError(f"base model {source}: weights missing ({_first_line(error)})") from None
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"base model {source}: not a loadable Stable Diffusion base ({_first_line(error)})") from None
+        raise CheckpointError(
+            f"base model {source}: not a loadable Stable Diffusion base ({_first_line(error)})"
+        ) from None
     return base.to(device) if device is not None else base
 
 

@@ -30,9 +30,8 @@ def one_torch_thread():
 def trained_like(unet, seed=1):
     torch.manual_seed(seed)
     controlnet = build_controlnet(unet, conditioning_embedding_out_channels=(16, 32))
-    for conv in (
-        *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out
-    ):
+    embedding = controlnet.controlnet_cond_embedding
+    for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, embedding.conv_out):
         torch.nn.init.normal_(conv.weight, std=0.3)
     return controlnet.eval()
 
@@ -149,7 +148,8 @@ def test_controlnet_for_another_base(files, tmp_path, capsys):
 def test_bad_control_image(files, tmp_path, capsys):
     fake = tmp_path / "edges.png"
     fake.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
-    code = cli(files, "--controlnet", f"a={files / 'cn-plain'}", "--control", f"a={fake}", "-o", str(tmp_path / "x.png"))
+    code = cli(files, "--controlnet", f"a={files / 'cn-plain'}", "--control", f"a={fake}",
+               "-o", str(tmp_path / "x.png"))
     assert "Git LFS pointer" in error_of(capsys, code)
 
 

@@ -92,7 +92,8 @@ def diffusers_controlnet_images(components, controlnet, image, **options):
     )
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(SEED)
-    return pipe(PROMPT, image=image, num_inference_steps=STEPS, generator=generator, output_type="np", **options).images
+    images = pipe(PROMPT, image=image, num_inference_steps=STEPS, generator=generator, output_type="np", **options)
+    return images.images
 
 
 def base_images(components):

@@ -97,7 +97,8 @@ def test_img2img_equals_diffusers_controlnet_img2img(components, base, controlne
         StableDiffusionControlNetImg2ImgPipeline, components, UniPCMultistepScheduler, controlnet=controlnet
     )
     expected = pipe(PROMPT, image=Image.fromarray(init), control_image=Image.fromarray(edge_map()), strength=0.6,
-                    controlnet_conditioning_scale=1.0, num_inference_steps=5, generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
+                    controlnet_conditioning_scale=1.0, num_inference_steps=5,
+                    generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
     result = run(base, [Control(edge_map(), controlnet)], init_image=init, strength=0.6, steps=5)
     np.testing.assert_allclose(result, expected, atol=1e-5, rtol=0)
 

@@ -54,8 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=None, help="seed (CPU generator); random if not given")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS), help="sampler")
-    parser.add_argument("--width", type=int, help="output width, a multiple of 8; the control image's when not given")
-    parser.add_argument("--height", type=int, help="output height, a multiple of 8; the control image's when not given")
+    parser.add_argument("--width", type=int, help="output width, a multiple of 8; default: the control image's")
+    parser.add_argument("--height", type=int, help="output height, a multiple of 8; default: the control image's")
     parser.add_argument("--resize-mode", default="resize", choices=RESIZE_MODES, help="fitting other-size images")
     parser.add_argument("--num-images", type=int, default=1, help="images in one batch")
     parser.add_argument("--init-image", help="start from this image (img2img)")
@@ -122,7 +122,8 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
     ):
         for name, text in parse_named(getattr(args, key), flag).items():
             if name not in images:
-                raise ConfigError(f"{flag} {name}: no control named {name!r} (controls: {', '.join(images) or 'none'})")
+                known = ", ".join(images) or "none"
+                raise ConfigError(f"{flag} {name}: no control named {name!r} (controls: {known})")
             try:
                 options.setdefault(name, {})[key] = convert(text)
             except ValueError:

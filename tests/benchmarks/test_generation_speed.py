@@ -193,7 +193,9 @@ def test_tiny_config_on_cpu(one_torch_thread):
     check_targets(ratios)
 
 
-@pytest.mark.skipif(os.environ.get("CONTROLKIT_BENCH_SD15") != "1", reason="minutes on a CPU; set CONTROLKIT_BENCH_SD15=1")
+@pytest.mark.skipif(
+    os.environ.get("CONTROLKIT_BENCH_SD15") != "1", reason="minutes on a CPU; set CONTROLKIT_BENCH_SD15=1"
+)
 def test_sd15_size_on_cpu(one_torch_thread):
     ratios = report(CASES["sd15-cpu"], measure(CASES["sd15-cpu"]))
     check_targets(ratios)
