@@ -162,7 +162,7 @@ def test_pickles_that_run_code_and_non_weight_files_are_refused(tmp_path):
         LineartPreprocessor.create(model="realistic", weights=unsafe)
     text = tmp_path / "notes.pth"
     text.write_text("not weights")
-    with pytest.raises(CheckpointError, match="not a safetensors or PyTorch"):
+    with pytest.raises(CheckpointError, match="not a weights file"):
         LineartPreprocessor.create(model="realistic", weights=text)
 
 
