@@ -34,7 +34,8 @@ def world(tmp_path_factory):
 def _final_state(output: Path) -> dict[str, torch.Tensor]:
     """The final ControlNet weights and the last checkpoint's optimizer and EMA tensors."""
     last = checkpointing.list_checkpoints(checkpointing.checkpoint_dir(output))[-1][1]
-    tensors = {f"model.{k}": v for k, v in load_tensors(output / "controlnet" / "diffusion_pytorch_model.safetensors").items()}
+    final = load_tensors(output / "controlnet" / "diffusion_pytorch_model.safetensors")
+    tensors = {f"model.{k}": v for k, v in final.items()}
     for name in ("optimizer", "ema", "trained"):
         tensors.update({f"{name}.{k}": v for k, v in load_tensors(last / f"{name}.safetensors").items()})
     return tensors
@@ -64,7 +65,8 @@ def test_interrupted_and_resumed_run_ends_bitwise_equal_to_a_straight_run(world,
     assert expected.keys() == actual.keys()
     different = [key for key in expected if not torch.equal(expected[key], actual[key])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-    state = json.loads((checkpointing.list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1][1] / "state.json").read_text())
+    last = checkpointing.list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1][1]
+    state = json.loads((last / "state.json").read_text())
     assert state["data"] == {"epoch": 1, "step_in_epoch": 2, "steps_per_epoch": 4, "usable_pairs": 16, "seed": 0}
 
 
@@ -114,6 +116,18 @@ def write_files(accelerator, temp, objects, state):
     return original(accelerator, temp, objects, state)
 
 checkpointing._write_files = write_files
+
+if mode == "term":  # the signal a scheduler sends to preempt a job, arriving during step 2
+    import training.loop as loop
+
+    step = loop.optimizer_step
+
+    def optimizer_step(run, index, micro_batches, state):
+        if index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(run, index, micro_batches, state)
+
+    loop.optimizer_step = optimizer_step
 sys.exit(main(["train", *sys.argv[2:]]))
 """
 
@@ -166,3 +180,14 @@ def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(world, tmp_
     assert "File too large" in last_line and "the previous checkpoint" in last_line and "is intact" in last_line
     assert not list((output / "checkpoints").glob("tmp-*"))
     _assert_last_checkpoint_loads(world, output)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_with_143(world, tmp_path):
+    base, data = world
+    output = tmp_path / "run"
+    process = _launch("term", overrides(base, data, output, "train.max_steps=6"), tmp_path)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by signal 15 at step 2" in stdout and "checkpoint.resume=latest" in stdout
+    assert [step for step, _ in checkpointing.list_checkpoints(output / "checkpoints")] == [2]
+    assert not (output / "controlnet").exists()  # no final model from an interrupted run

@@ -35,8 +35,9 @@ def test_two_processes_match_one_process_over_the_same_global_batch(tmp_path):
     checkpoint = tmp_path / "two" / "checkpoints" / "checkpoint-00000004"
     assert (checkpoint / "rng-0.json").is_file() and (checkpoint / "rng-1.json").is_file()
 
-    assert main(["train", str(config), *overrides(base, data, tmp_path / "one", *SETTINGS, "train.batch_size=4")]) == 0
-    assert main(["train", str(config), *overrides(base, data, tmp_path / "other", *SETTINGS, "train.batch_size=2")]) == 0
+    for name, batch in (("one", 4), ("other", 2)):
+        arguments = overrides(base, data, tmp_path / name, *SETTINGS, f"train.batch_size={batch}")
+        assert main(["train", str(config), *arguments]) == 0
 
     one, two_processes, other = _weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights(tmp_path / "other")
     # Distance of the 2-process run from the 1-process run, relative to the distance of a run over other global
