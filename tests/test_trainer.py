@@ -225,3 +225,22 @@ def test_validation_generates_grids_through_the_pipeline_and_measures_controllab
     values = run.validator.run(2, should_stop=lambda: False)
     assert set(values) == {"validation/edge_f1"} and 0.0 <= values["validation/edge_f1"] <= 1.0
     assert run.validator.run(3, should_stop=lambda: True) == {}  # a stop signal ends validation early
+
+
+def test_bf16_mixed_precision_keeps_trained_weights_in_float32(world, tmp_path):
+    from training.features import encode_images
+
+    base, data = world
+    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.mixed_precision=bf16", "train.max_steps=2",
+                                 "validation.every_steps=2", "validation.count=1", "validation.num_inference_steps=2"))
+    assert {p.dtype for p in run.parts.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.parts.controlnet.parameters()} == {torch.float32}
+    item = run.dataset[5]
+    with torch.no_grad():
+        encoded = encode_images(run.parts.vae, item["pixel_values"][None])
+    cached = run.encoder.latent_rows.rows([5])
+    assert cached.dtype == torch.bfloat16 and torch.equal(cached, encoded)  # stored bit for bit
+    state = run_loop(run, 0)
+    assert all(math.isfinite(loss) for loss in state.losses)
+    assert (tmp_path / "run" / "validation" / "step-00000002.png").is_file()
+    assert {p.dtype for p in run.parts.controlnet.parameters()} == {torch.float32}

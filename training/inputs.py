@@ -68,7 +68,7 @@ class BatchEncoder:
 
         if not batch["indices"]:
             if self._last is None:
-                raise ControlkitError("every pair of the first batch is bad; check them with `controlkit dataset check`")
+                raise ControlkitError("every pair of the first batch is bad; check the data: controlkit dataset check")
             previous = self._last
             return StepInputs(previous.latents, previous.text_embeds, previous.condition, previous.noise,
                               previous.timesteps, torch.zeros_like(previous.weights))

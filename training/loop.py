@@ -125,7 +125,8 @@ def optimizer_step(run: "Run", step: int, micro_batches: Any, state: LoopState) 
             controlnet = run.forward_modules.get("controlnet")
             with accelerator.autocast():
                 loss = training_loss(run.unet_forward, controlnet, run.parts.noise_scheduler, inputs,
-                                     only_mid_control=run.config.model.only_mid_control)
+                                     only_mid_control=run.config.model.only_mid_control,
+                                     unet_dtype=run.parts.unet.dtype)
             if _reduce_max(accelerator, 0.0 if bool(loss.isfinite()) else 1.0):
                 finite = False
                 continue

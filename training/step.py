@@ -56,11 +56,18 @@ def prediction_target(noise_scheduler: Any, latents: "torch.Tensor", noise: "tor
 
 
 def predict(
-    unet: Any, controlnet: Any, noisy_latents: "torch.Tensor", inputs: StepInputs, *, only_mid_control: bool = False
+    unet: Any, controlnet: Any, noisy_latents: "torch.Tensor", inputs: StepInputs, *, only_mid_control: bool = False,
+    unet_dtype: "torch.dtype | None" = None,
 ) -> "torch.Tensor":
-    """The U-Net's prediction for `noisy_latents`, with the ControlNet's residuals when there is a ControlNet."""
+    """The U-Net's prediction for `noisy_latents`, with the ControlNet's residuals when there is a ControlNet.
+
+    `unet_dtype`: the frozen U-Net's weight dtype (mixed precision); its inputs, the ControlNet's residuals
+    included, are cast to it, as in diffusers' train_controlnet.py.
+    """
+    dtype = unet_dtype or noisy_latents.dtype
+    unet_latents, unet_text = noisy_latents.to(dtype), inputs.text_embeds.to(dtype)
     if controlnet is None:
-        return unet(noisy_latents, inputs.timesteps, encoder_hidden_states=inputs.text_embeds, return_dict=False)[0]
+        return unet(unet_latents, inputs.timesteps, encoder_hidden_states=unet_text, return_dict=False)[0]
     # 1. The trainable copy of the encoder sees the noisy latents, the caption and the condition map.
     down_residuals, mid_residual = controlnet(
         noisy_latents, inputs.timesteps, encoder_hidden_states=inputs.text_embeds,
@@ -72,18 +79,20 @@ def predict(
         down_residuals = [residual * 0.0 for residual in down_residuals]
     # 3. The frozen U-Net adds them to its skip connections and middle block.
     return unet(
-        noisy_latents, inputs.timesteps, encoder_hidden_states=inputs.text_embeds,
-        down_block_additional_residuals=list(down_residuals), mid_block_additional_residual=mid_residual,
-        return_dict=False,
+        unet_latents, inputs.timesteps, encoder_hidden_states=unet_text,
+        down_block_additional_residuals=[residual.to(dtype) for residual in down_residuals],
+        mid_block_additional_residual=mid_residual.to(dtype), return_dict=False,
     )[0]
 
 
 def training_loss(
-    unet: Any, controlnet: Any, noise_scheduler: Any, inputs: StepInputs, *, only_mid_control: bool = False
+    unet: Any, controlnet: Any, noise_scheduler: Any, inputs: StepInputs, *, only_mid_control: bool = False,
+    unet_dtype: "torch.dtype | None" = None,
 ) -> "torch.Tensor":
     """Weighted mean squared error of the prediction (a 0-dim float32 tensor)."""
     noisy_latents = noise_scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
     target = prediction_target(noise_scheduler, inputs.latents, inputs.noise, inputs.timesteps)
-    prediction = predict(unet, controlnet, noisy_latents, inputs, only_mid_control=only_mid_control)
+    prediction = predict(unet, controlnet, noisy_latents, inputs, only_mid_control=only_mid_control,
+                         unet_dtype=unet_dtype)
     per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     return (per_sample * inputs.weights).sum() / inputs.weights.sum().clamp(min=1.0)

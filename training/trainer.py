@@ -1,4 +1,4 @@
-"""Train a ControlNet (or the demo's base U-Net) from a `TrainConfig`: `train(config) -> TrainResult`.
+"""Train a ControlNet (or the demo's base U-Net or VAE) from a `TrainConfig`: `train(config) -> TrainResult`.
 
     >>> from training.config import load_config
     >>> from training.trainer import train
@@ -13,7 +13,8 @@ checkpoints in training/checkpointing.py. Output, in `train.output_dir`:
     controlnet/                 the ControlNet, diffusers format + condition metadata (kind 'controlnet')
     <output name>.safetensors   the same in the original key format (checkpoint.save_original)
     base/                       the base with its trained decoder (model.unlock_decoder)
-    model/                      the trained base model, a diffusers folder (kind 'base')
+    model/                      the trained base model, a diffusers folder (kind 'base'; kind 'vae': with the
+                                trained VAE, see training/autoencoder.py)
     checkpoints/, logs/, validation/, cache/
 """
 
@@ -57,6 +58,10 @@ def train(config: "TrainConfig", *, on_step: Callable[[int], None] | None = None
     Args:
         on_step: called on the main thread after every optimizer step with the number of steps done.
     """
+    if config.model.kind == "vae":
+        from training.autoencoder import train_autoencoder
+
+        return train_autoencoder(config, on_step=on_step)
     run = Run.create(config)
     run.on_step = on_step
     try:
@@ -232,6 +237,12 @@ def make_accelerator(config: "TrainConfig") -> Any:
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration
 
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps its settings per process; a run before this one in the same process (a notebook, a test
+    # session) must not decide this run's precision or accumulation. The process group itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     output = Path(config.train.output_dir)
     accelerator = Accelerator(
         cpu=_cpu_processes(),

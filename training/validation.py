@@ -76,10 +76,9 @@ class Validator:
             controls = []
             if controlnet is not None:
                 controls = [Control(condition, controlnet, layer_weights=self._layers(controlnet))]
-            with self.run_ref.accelerator.autocast():
-                result = generate(base, prompt, controls, steps=validation.num_inference_steps,
-                                  guidance_scale=validation.guidance_scale, seed=validation.seed, width=resolution,
-                                  height=resolution, output_type="np")
+            result = generate(base, prompt, controls, steps=validation.num_inference_steps,
+                              guidance_scale=validation.guidance_scale, seed=validation.seed, width=resolution,
+                              height=resolution, output_type="np")
             images.append((np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8))
         return images
 
@@ -94,8 +93,9 @@ class Validator:
 
     @contextlib.contextmanager
     def _eval_weights(self):
-        """The base and ControlNet to generate with: EMA weights when EMA is on, in eval mode. The ControlNet is
-        copied when its dtype differs from the base's (generation casts ControlNets; the trained ones stay fp32)."""
+        """The base and ControlNet to generate with: EMA weights when EMA is on, in eval mode. Generation runs every
+        module in one dtype, so with mixed precision the trained modules (float32) take part as copies in the
+        frozen modules' dtype; the trained weights themselves are not touched."""
         from controlkit.pipeline import base_from_components
 
         run = self.run_ref
@@ -108,10 +108,10 @@ class Validator:
         try:
             for module in modules:
                 module.eval()
-            controlnet = parts.controlnet
-            if controlnet is not None and controlnet.dtype != parts.unet.dtype:
-                controlnet = copy.deepcopy(controlnet)
-            base = base_from_components({"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder,
+            dtype = parts.vae.dtype  # frozen in every mode
+            unet, text_encoder, controlnet = (_in_dtype(run.accelerator, module, dtype)
+                                              for module in (parts.unet, parts.text_encoder, parts.controlnet))
+            base = base_from_components({"unet": unet, "vae": parts.vae, "text_encoder": text_encoder,
                                          "tokenizer": parts.tokenizer, "scheduler": parts.noise_scheduler})
             yield base, controlnet
         finally:
@@ -147,6 +147,18 @@ class Validator:
             logger.warning("validation metric for %s skipped: %s", condition, error)
             return {}
         return {f"validation/{result.name}": result.value}
+
+
+def _in_dtype(accelerator: Any, module: Any, dtype: Any) -> Any:
+    """`module` itself when all its weights are `dtype`, else a copy in `dtype` without the mixed-precision forward
+    that `accelerator.prepare` gave the original (it would return float32 outputs)."""
+    if module is None or all(parameter.dtype == dtype for parameter in module.parameters()):
+        return module
+    duplicate = accelerator.unwrap_model(copy.deepcopy(module), keep_fp32_wrapper=False)
+    for tensor in list(duplicate.parameters()) + list(duplicate.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    return duplicate
 
 
 def _to_uint8(tensor: Any, low: float, high: float) -> "np.ndarray":
