@@ -132,12 +132,14 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
 
 
 def _quiet_loading() -> None:
-    """No per-component progress bars while loading: the command prints one summary line instead."""
+    """No per-component progress bars while loading (the command prints one summary line instead), and no
+    transformers notices about optional image processors that Stable Diffusion's safety checker would use."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
 def _weights(text: str) -> list[float]:
