@@ -93,6 +93,8 @@ def _from_hub(what: str, repo_id: str, filename: str | None) -> Path:
         return Path(hf_hub_download(repo_id, filename))
     except Exception as error:  # the hub raises many types (offline, 404, auth); all mean "not available"
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # 'org/name' is also a valid relative path: say both, so a mistyped local path is not read as a hub miss.
         raise WeightsNotFoundError(
-            f"{what} weights: could not fetch {repo_id!r} from the hub ({reason}); pass a local path instead"
+            f"{what} weights: {repo_id} is not a local file or folder, and fetching it as a hub id failed "
+            f"({reason}); pass an existing local path"
         ) from None
