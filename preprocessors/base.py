@@ -26,8 +26,9 @@ class Preprocessor(abc.ABC):
 
     #: Registry key of the entry (also the condition name written into checkpoints).
     name: ClassVar[str] = ""
-    #: Resize the map back with nearest-neighbour instead of bilinear (sharp label-like maps).
-    nearest_resize: ClassVar[bool] = False
+    #: Resize the map back with nearest-neighbour instead of bilinear (binary or label-like maps); may be set
+    #: per instance (softedge does for scribble maps).
+    nearest_resize: bool = False
 
     detect_resolution: int | None = None
 
