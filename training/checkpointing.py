@@ -173,9 +173,9 @@ def _write_files(accelerator: Any, temp: Path, objects: TrainingObjects, state: 
     from safetensors.torch import save_file
 
     accelerator.wait_for_everyone()  # the folder exists before anyone writes into it
-    write_state(temp / f"rng-{accelerator.process_index}", capture_rng(objects.generator))
-    if _sharded(accelerator):
+    if _sharded(accelerator):  # collective: first, so that no process can leave before it
         accelerator.save_state(str(temp / "engine"), safe_serialization=True)
+    write_state(temp / f"rng-{accelerator.process_index}", capture_rng(objects.generator))
     if not accelerator.is_main_process:
         return
     if not _sharded(accelerator):

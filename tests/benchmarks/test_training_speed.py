@@ -9,9 +9,9 @@ two steps) takes several minutes and about 15 GB, so it runs only with CONTROLKI
 encodes every batch and the text encoder every caption. "on" reads both from the cache written before training.
 Everything else is equal (same data, seed, batch, optimizer, channels-last). Each mode runs in its own process:
 
-- samples/s over the steps after the first (warm-up): on CPU from this process's CPU time with torch on one
-  thread (on a machine shared with other jobs, wall time mostly measures their load), on GPU from wall time
-  after a CUDA synchronise;
+- samples/s from the median time of the steps after the first (warm-up): on CPU this process's CPU time with
+  torch on one thread (on a machine shared with other jobs, wall time mostly measures their load), on GPU wall
+  time after a CUDA synchronise;
 - peak memory during those steps: the resident-set high-water mark, reset after the first step (Linux
   /proc/self/clear_refs), or CUDA's peak allocation;
 - setup: seconds to load the models and, with the cache on, to fill it (paid once per dataset, not per epoch).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ ROOT = HERE.parents[2]
 
 #: name -> (model size, resolution, batch, pairs, timed steps after the warm-up step, device)
 CASES = {
-    "tiny-cpu": ("tiny", 64, 8, 32, 8, "cpu"),
+    "tiny-cpu": ("tiny", 64, 8, 32, 24, "cpu"),
     "sd15-cpu": ("sd15", 512, 1, 2, 1, "cpu"),
     "sd15-gpu": ("sd15", 512, 4, 32, 10, "cuda"),
 }
@@ -151,11 +152,10 @@ def _worker(overrides: list[str]) -> None:
 
     run.on_step = on_step
     run_loop(run, 0)
-    last = config.train.max_steps
-    samples = (last - 1) * run.layout.global_batch
+    intervals = [marks[step] - marks[step - 1] for step in range(2, config.train.max_steps + 1)]
     print(json.dumps({
-        "samples_per_second": samples / (marks[last] - marks[1]), "peak_gib": _peak(device), "setup_s": setup,
-        "device": str(device),
+        "samples_per_second": run.layout.global_batch / statistics.median(intervals), "peak_gib": _peak(device),
+        "setup_s": setup, "device": str(device),
     }))
 
 
