@@ -4,7 +4,7 @@ signal handling and non-finite-loss skipping.
 Faults:
 - SIGTERM, SIGINT and SIGUSR1 (Slurm's warning signal) only set a flag. At the next step boundary the processes
   agree on it (a process that stopped alone would hang the others), save a checkpoint and return; the command
-  then exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+  then exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT). A second signal exits at once.
 - A non-finite loss on any process skips the optimizer step on all of them (no update, gradients dropped) and is
   counted; after `train.max_consecutive_nonfinite` in a row the run stops with an error. Weights are never
   updated from a non-finite gradient, so no checkpoint ever holds one.
@@ -49,6 +49,8 @@ class StopFlag:
         return self
 
     def _record(self, signum: int, frame: Any) -> None:
+        if self.signum:  # a second signal: the user insists; checkpoints are atomic, so leaving now is safe
+            raise SystemExit(128 + signum)
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
