@@ -94,7 +94,7 @@ def test_every_shipped_config_validates(path):
     if data.preprocessor:
         valid = get_spec(data.preprocessor).parameters()
         assert set(data.preprocessor_params) | set(data.randomize) <= set(valid)
-    if config.model.kind == "controlnet":
+    if path.name.endswith("_sd15.toml"):  # the naming rule: <condition>_sd15 -> controlkit_<condition>_sd15
         assert path.name == f"{config.model.condition}_sd15.toml"
         assert Path(config.train.output_dir).name == f"controlkit_{config.model.condition}_sd15"
 
