@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from train_helpers import load_tensors, make_world, overrides, tiny_config
+from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from controlkit.errors import CheckpointError, ConfigError
 from training import checkpointing

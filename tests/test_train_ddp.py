@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from train_helpers import load_tensors, make_world, overrides
+from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from controlkit.cli import main
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from train_helpers import RESOLUTION, load_tensors, make_world, tiny_config
+from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from controlkit.errors import ConfigError
 from training.loop import TrainingDiverged, run_loop
