@@ -1,8 +1,10 @@
-"""Shared test setup: offline hub, deterministic small thread count."""
+"""Shared test setup: offline hub, the benchmark marker, one torch thread for tiny models, tiny SD components."""
 
 from __future__ import annotations
 
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -10,8 +12,37 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def pytest_collection_modifyitems(config, items):
     """Tests under tests/benchmarks carry the benchmark marker, so the default run leaves them out."""
-    import pytest
-
     for item in items:
         if "benchmarks" in item.path.parts:
             item.add_marker(pytest.mark.benchmark)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread(request):
+    """Tiny models run fastest on one intra-op thread (and far slower with two on a busy 2-core CPU). Modules
+    that run tiny diffusion models set `TINY_MODELS = True`; the others keep torch's default."""
+    if not getattr(request.module, "TINY_MODELS", False):
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def components():
+    """Tiny real SD components (U-Net, VAE, CLIP text encoder, tokenizer, scheduler), seeded."""
+    from controlkit.tiny import build_components
+
+    return build_components(seed=0)
+
+
+@pytest.fixture(scope="module")
+def base(components):
+    """A diffusers StableDiffusionPipeline over the tiny components."""
+    from controlkit.pipeline import base_from_components
+
+    return base_from_components(components)

@@ -17,14 +17,8 @@ from controlkit.controlnet import ConditionMetadata, build_controlnet
 from controlkit.pipeline import generate, load_base
 from controlkit.tiny import TinyConfig, build_components, save_components
 
+TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far slower with several on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def trained_like(unet, seed=1):

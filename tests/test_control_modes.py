@@ -15,31 +15,15 @@ from PIL import Image
 from controlkit.control import SOFT_DECAY, Control, num_control_layers
 from controlkit.controlnet import build_controlnet
 from controlkit.errors import ConfigError
-from controlkit.pipeline import base_from_components, generate
-from controlkit.tiny import build_components
+from controlkit.pipeline import generate
+
+TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
 
 PROMPT = "a red sphere on the floor"
 STEPS = 4
 SEED = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far slower with several on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def components():
-    return build_components(seed=0)
-
-
-@pytest.fixture(scope="module")
-def base(components):
-    return base_from_components(components)
 
 
 def trained_controlnet(unet, seed, **options):

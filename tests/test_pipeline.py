@@ -17,26 +17,11 @@ from controlkit.errors import CheckpointError, ConfigError, ControlkitError, Ima
 from controlkit.pipeline import base_from_components, generate, load_base
 from controlkit.tiny import TinyConfig, build_components, save_components
 
+TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
+
 PROMPT = "a blue cube on the floor"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far slower with several on a busy shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def components():
-    return build_components(seed=0)
-
-
-@pytest.fixture(scope="module")
-def base(components):
-    return base_from_components(components)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from train_helpers import load_tensors, make_world, overrides, tiny_config
-from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from controlkit.errors import CheckpointError, ConfigError
 from training import checkpointing
 from training.trainer import train
+
+TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
 
 #: Everything a resume must restore is in play: EMA, a warm-up + cosine schedule (whose shape depends on
 #: max_steps), gradient accumulation, prompt dropout, and epochs of 4 steps so the interruption is mid-epoch.

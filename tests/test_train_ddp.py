@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 from train_helpers import load_tensors, make_world, overrides
-from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from controlkit.cli import main
+
+TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
 
 SETTINGS = ("train.max_steps=4", "optim.learning_rate=1e-3", "data.proportion_empty_prompts=0.3")
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from train_helpers import RESOLUTION, load_tensors, make_world, tiny_config
-from train_helpers import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 from controlkit.errors import ConfigError
 from training.loop import TrainingDiverged, run_loop
 from training.step import StepInputs, prediction_target, training_loss
 from training.trainer import Run, train
+
+TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 #: Sizes that make a training step take milliseconds on a CPU: 16 px images, x2 VAE -> 8 x 8 latents.
 RESOLUTION = 16
@@ -42,13 +41,3 @@ def load_tensors(path: Path) -> dict:
 
     return load_file(str(path))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than spinning two."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

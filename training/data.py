@@ -34,7 +34,6 @@ from training.data_sources import DatasetCell, Pair, load_pairs
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
 __all__ = ["Pair", "PairedDataset", "collate_pairs", "load_pairs", "make_condition_fn", "check_pair"]
 

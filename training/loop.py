@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ControlkitError
 from training.inputs import draw_step
-from training.sampler import ProcessBatches, epoch_ranges
+from training.sampler import epoch_ranges
 from training.step import training_loss
 
 if TYPE_CHECKING:
