@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from controlkit.controlnet import (
     infer_config,
 )
 from controlkit.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from controlkit.files import atomic_path, write_bytes_atomic
 from controlkit.original_format import CONTROL_PREFIX, OriginalLayout, from_original, to_original
 from controlkit.safe_load import read_tensors
 
@@ -351,7 +351,7 @@ def save_controlnet(
     from diffusers import ControlNetModel
 
     full_config = {"_class_name": ControlNetModel.__name__, **config, CONFIG_METADATA_KEY: metadata.to_dict()}
-    _write_atomically(target / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(full_config, indent=2)))
+    write_bytes_atomic(target / "config.json", json.dumps(full_config, indent=2).encode("utf-8"))
     _write_safetensors(state_dict, target / WEIGHTS_NAME, header)
     return target
 
@@ -359,19 +359,8 @@ def save_controlnet(
 def _write_safetensors(tensors: dict[str, Any], path: Path, header: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-
-def _write_atomically(path: Path, write: Any) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=header)
 
 
 def inspect_checkpoint(source: str | os.PathLike, *, unet: UNet2DConditionModel | None = None) -> CheckpointInfo:

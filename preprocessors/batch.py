@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from controlkit.errors import ControlkitError
+from controlkit.files import atomic_path, write_bytes_atomic
 from controlkit.image import is_image_file
 
 
@@ -162,23 +163,14 @@ def _annotate_one(annotator: Any, job: Job) -> str | None:
         condition = annotator(job.source)
         job.output.parent.mkdir(parents=True, exist_ok=True)
         if job.keypoints is not None:
-            _write_atomic(job.keypoints, lambda f: f.write(json.dumps(annotator.keypoints(job.source)).encode()))
-        _write_atomic(job.output, lambda f: condition.save(f, format="PNG"))
+            write_bytes_atomic(job.keypoints, json.dumps(annotator.keypoints(job.source)).encode())
+        with atomic_path(job.output) as temporary:
+            condition.save(temporary, format="PNG")
     except ControlkitError as error:
         return str(error)
     except OSError as error:
         return f"{job.output}: cannot write ({error.strerror or error})"
     return None
-
-
-def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _suffixes() -> list[str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ConfigError, ControlkitError, ImageError
+from controlkit.files import write_bytes_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -206,12 +207,7 @@ class ConditionCache:
         ok, encoded = cv2.imencode(".png", condition[..., ::-1])  # RGB -> OpenCV's BGR order
         if not ok:
             raise ControlkitError(f"{path}: could not encode the condition map as PNG")
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_bytes(encoded.tobytes())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_bytes_atomic(path, encoded.tobytes())
 
 
 def source_identity(reference: Any) -> str | None:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from controlkit.errors import ConfigError
+from controlkit.files import atomic_path, write_bytes_atomic
 from training.toyworld import (
     CircleSample,
     ToyScene,
@@ -186,8 +187,9 @@ def _write_sample(root: Path, stem: str, sample: ToyScene | CircleSample, condit
         if sample.keypoints is not None:
             truth["keypoints"] = sample.keypoints
             record["keypoints"] = f"keypoints/{stem}.json"
-            _write_atomic(root / record["keypoints"], json.dumps(pose_json(sample)).encode())
-    _write_atomic(root / record["truth"], lambda handle: np.savez_compressed(handle, **truth))
+            write_bytes_atomic(root / record["keypoints"], json.dumps(pose_json(sample)).encode())
+    with atomic_path(root / record["truth"]) as temporary:
+        np.savez_compressed(temporary, **truth)
     if isinstance(sample, ToyScene):
         record["objects"] = [asdict(thing) for thing in sample.objects]
     return record
@@ -199,16 +201,6 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    _write_atomic(path, encoded.tobytes())
+    write_bytes_atomic(path, encoded.tobytes())
 
 
-def _write_atomic(path: Path, content) -> None:
-    """Write bytes (or call content(handle)) to a temporary name, then rename: a file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            content(handle) if callable(content) else handle.write(content)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -222,13 +222,9 @@ def _caption(image: Path, source: str) -> str:
 
 def _write_manifest(path: Path, records: list[dict[str, str]]) -> None:
     """All lines at once, through a temporary file renamed into place (never a half-written manifest)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    from controlkit.files import write_bytes_atomic
+
+    write_bytes_atomic(path, "".join(json.dumps(record) + "\n" for record in records).encode("utf-8"))
 
 
 def _check_workers(workers: int) -> None:
