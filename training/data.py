@@ -123,6 +123,8 @@ class PairedDataset:
         import numpy as np
         import torch
 
+        from controlkit.control import condition_tensor
+
         prompt = _check_caption(pair.prompt)
         crop_rng, condition_rng = self.generators(index)
         image_source = _source(pair.image)
@@ -142,7 +144,7 @@ class PairedDataset:
         image = image[top : top + size, left : left + size]
         condition = condition[top : top + size, left : left + size]
         pixel_values = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 127.5 - 1.0
-        conditioning = torch.from_numpy(np.ascontiguousarray(condition.transpose(2, 0, 1))).float() / 255.0
+        conditioning = condition_tensor(condition)[0]  # the models' input convention, defined once
         return {
             "pixel_values": pixel_values, "conditioning_pixel_values": conditioning, "prompt": prompt, "index": index,
         }
