@@ -144,13 +144,23 @@ _WORKER_ANNOTATOR: Any = None
 
 
 def _init_worker(name: str, params: dict[str, Any], threads: int) -> None:
-    global _WORKER_ANNOTATOR
-    import torch
+    """Build the preprocessor once per worker, with `threads` math threads so workers do not oversubscribe.
 
+    The thread count goes into the environment before anything heavy is imported, so classical preprocessors
+    never pay for importing torch.
+    """
+    global _WORKER_ANNOTATOR
+    import sys
+
+    import cv2
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    cv2.setNumThreads(threads)
     from preprocessors.registry import get_preprocessor
 
-    torch.set_num_threads(threads)
     _WORKER_ANNOTATOR = get_preprocessor(name, **params)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def _worker_annotate(job: Job) -> str | None:
