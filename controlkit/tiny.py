@@ -37,6 +37,9 @@ class TinyConfig:
         vae_channels: VAE channels per resolution (len - 1 downsamplings: 2 -> x2, 3 -> x4, 4 -> x8).
         sample_size: latent side the U-Net is configured for (informational in diffusers).
         words: the tokenizer's word list.
+        norm_num_groups, vae_norm_num_groups: GroupNorm groups of the U-Net and of the VAE; None: as many as
+            the first level has channels, up to 32 (a group per channel normalises every channel on its own, which
+            costs a small VAE its colours: the demo uses 4 channels per group or more).
     """
 
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -47,30 +50,61 @@ class TinyConfig:
     sample_size: int = 32
     attention_head_dim: int = 8
     words: tuple[str, ...] = DEFAULT_WORDS
+    norm_num_groups: int | None = None
+    vae_norm_num_groups: int | None = None
+
+
+#: The embedded demo's base model: 64 x 64 images, a x4 VAE (16 x 16 x 4 latents), a three-level U-Net
+#: (2.7 M parameters) and a two-layer text encoder; with its six ControlNets about 22 MB in float16.
+DEMO_CONFIG = TinyConfig(
+    block_out_channels=(32, 64, 96), layers_per_block=1, cross_attention_dim=64, text_layers=2,
+    vae_channels=(16, 32, 64), sample_size=16, attention_head_dim=8, norm_num_groups=8, vae_norm_num_groups=4,
+)
 
 
 def tokenizer_files(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP BPE vocabulary and merges in which every listed word is one token.
 
-    Letters are in the vocabulary (with and without the end-of-word mark '</w>'), so any text tokenises. Each
-    word is built by left-to-right merges of its prefixes, so every merge result is in the vocabulary.
+    Letters are in the vocabulary (with and without the end-of-word mark '</w>'), so any text tokenises. The merges
+    are learned by byte-pair encoding over the word list, run until every word is one symbol: the most frequent
+    adjacent pair (ties: the alphabetically first) is merged everywhere, step after step. Encoding a listed word
+    with merges applied by rank then replays exactly its merges of that run (a lower-ranked pair present in the
+    word would have been merged in the word when it was learned), so it always ends as one token. Merges built
+    word by word instead can be pre-empted: "an"'s ('a', 'n</w>') would split "cyan" into 'cy' + 'an</w>'.
     """
+    from collections import Counter
+
     tokens: list[str] = [BOS, EOS]
     for letter in _LETTERS:
         tokens += [letter, letter + "</w>"]
+    spelled = [list(word[:-1]) + [word[-1] + "</w>"] for word in sorted(set(w.lower() for w in words)) if word]
     merges: list[tuple[str, str]] = []
-    for word in sorted(set(w.lower() for w in words)):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        built = pieces[0]
-        for piece in pieces[1:]:
-            merge = (built, piece)
-            built += piece
-            if merge not in merges:
-                merges.append(merge)
-            if built not in tokens:
-                tokens.append(built)
+    while True:
+        pairs = Counter(pair for symbols in spelled for pair in zip(symbols, symbols[1:]))
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = best[0] + best[1]
+        if merged not in tokens:
+            tokens.append(merged)
+        spelled = [_merge(symbols, best, merged) for symbols in spelled]
     vocab = {token: index for index, token in enumerate(tokens)}
     return vocab, merges
+
+
+def _merge(symbols: list[str], pair: tuple[str, str], merged: str) -> list[str]:
+    """`symbols` with every adjacent occurrence of `pair` (left to right, no overlaps) replaced by `merged`."""
+    result: list[str] = []
+    index = 0
+    while index < len(symbols):
+        if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == pair:
+            result.append(merged)
+            index += 2
+        else:
+            result.append(symbols[index])
+            index += 1
+    return result
 
 
 def build_tokenizer(words: Iterable[str] = DEFAULT_WORDS, directory: str | Path | None = None) -> Any:
@@ -113,7 +147,7 @@ def build_components(config: TinyConfig = TinyConfig(), *, seed: int = 0) -> dic
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
         cross_attention_dim=config.cross_attention_dim,
         attention_head_dim=config.attention_head_dim,
-        norm_num_groups=min(32, config.block_out_channels[0]),
+        norm_num_groups=config.norm_num_groups or min(32, config.block_out_channels[0]),
     )
     torch.manual_seed(seed + 1)
     vae_levels = len(config.vae_channels)
@@ -124,7 +158,7 @@ def build_components(config: TinyConfig = TinyConfig(), *, seed: int = 0) -> dic
         up_block_types=("UpDecoderBlock2D",) * vae_levels,
         block_out_channels=config.vae_channels,
         latent_channels=4,
-        norm_num_groups=min(32, config.vae_channels[0]),
+        norm_num_groups=config.vae_norm_num_groups or min(32, config.vae_channels[0]),
         sample_size=config.sample_size * 2 ** (vae_levels - 1),
     )
     torch.manual_seed(seed + 2)

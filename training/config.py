@@ -38,14 +38,15 @@ def option(default: Any, doc: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    kind: str = option("controlnet", "'controlnet': a ControlNet on a frozen base; 'base': the base U-Net")
+    kind: str = option("controlnet", "'controlnet': a ControlNet on a frozen base; 'base': the base U-Net; "
+                       "'vae': the base's VAE (training/autoencoder.py)")
     base: str = option("", "base model: a diffusers folder, or its name in $CONTROLKIT_MODELS")
     controlnet: str = option("", "ControlNet to continue from (folder or file); empty: a copy of the U-Net encoder")
     condition: str = option("", "condition name stored in the checkpoint metadata, e.g. canny, depth, pose")
     conditioning_channels: int = option(3, "channels of the condition map fed to the ControlNet")
     unlock_decoder: bool = option(False, "also train the U-Net decoder and output layers (sd_locked=False)")
     only_mid_control: bool = option(False, "add only the middle-block control to the U-Net")
-    from_scratch: bool = option(True, "base kind: start the U-Net from random weights (its config from model.base)")
+    from_scratch: bool = option(True, "base/vae kind: start the U-Net/VAE from random weights, config from model.base")
     train_text_encoder: bool = option(False, "base kind: train the text encoder together with the U-Net")
     prediction_type: str = option("", "target: 'epsilon' or 'v_prediction'; empty: the base scheduler's")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
@@ -268,7 +269,7 @@ def value_problems(config: TrainConfig) -> list[str]:
             problems.append(f"`{key}` {rule} (got {getattr(getattr(config, section), name)!r})")
 
     model, data, train = config.model, config.data, config.train
-    need(model.kind in ("controlnet", "base"), "model.kind", "must be 'controlnet' or 'base'")
+    need(model.kind in ("controlnet", "base", "vae"), "model.kind", "must be 'controlnet', 'base' or 'vae'")
     need(bool(model.base), "model.base", "must name the base model folder (model.base=PATH)")
     need(model.prediction_type in PREDICTION_TYPES, "model.prediction_type", "must be '', 'epsilon' or 'v_prediction'")
     need(model.conditioning_channels >= 1, "model.conditioning_channels", "must be at least 1")
@@ -279,6 +280,8 @@ def value_problems(config: TrainConfig) -> list[str]:
         need(not model.controlnet, "model.controlnet", "must be empty when model.kind is 'base'")
         need(not model.unlock_decoder, "model.unlock_decoder", "applies to model.kind = 'controlnet' only")
         need(not model.only_mid_control, "model.only_mid_control", "applies to model.kind = 'controlnet' only")
+        need(model.kind == "base" or not model.train_text_encoder, "model.train_text_encoder",
+             "applies to model.kind = 'base' only")
     need(bool(data.source), "data.source", "must name the training data (data.source=PATH)")
     need(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution", "must be a positive multiple of 8")
     need(data.max_samples >= 0, "data.max_samples", "must be 0 (all) or positive")

@@ -1,0 +1,305 @@
+"""Train the VAE of a latent diffusion model (`model.kind = "vae"`), e.g. the embedded demo's autoencoder.
+
+    controlkit train training/configs/demo_vae.toml model.base=FOLDER data.source=DATA
+
+`model.base` is a diffusers folder whose `vae/config.json` sets the architecture (with `model.from_scratch`, the
+default, the weights start random; otherwise from the folder's weights). The loss of one image x is Stable
+Diffusion's autoencoder loss without its perceptual and adversarial terms (no LPIPS or discriminator weights ship
+offline), divided by the number of pixel values so that it reads as a mean absolute error:
+
+    loss = ( sum |x - decode(z)| + KL_WEIGHT * KL(q(z | x) || N(0, I)) ) / (3 H W),   z = mean + std * eps
+
+with `eps` drawn per optimizer step from the run's generator, so a resumed run matches an uninterrupted one.
+Training reuses the trainer's setup, data order, checkpoints, resume, signal handling and logging
+(training/trainer.py); only the step differs. Output: `OUTPUT/model/`, the base folder with the trained VAE, whose
+`scaling_factor` is set to 1 / (standard deviation of training latents), as Stable Diffusion chose 0.18215, so the
+diffusion model sees latents of unit variance. `OUTPUT/validation/reconstructions.png`: the first
+`validation.count` images (top row) and their reconstructions (bottom row).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from training import checkpointing
+from training.loop import LoopState, StopFlag, TrainingDiverged, _reduce_max, apply_update
+from training.trainer import Run, TrainResult, _check_output, image_as_condition, make_accelerator
+
+if TYPE_CHECKING:
+    import torch
+
+    from training.config import TrainConfig
+
+#: Weight of the KL term against the summed absolute error (Stable Diffusion's autoencoder used 1e-6).
+KL_WEIGHT = 1e-6
+#: Training images whose latents set the scaling factor.
+SCALING_SAMPLES = 256
+
+
+@dataclass
+class AutoencoderParts:
+    """The models of a VAE run, shaped like `training.components.Components` where the trainer reads them."""
+
+    vae: Any
+    trained: dict[str, "torch.nn.Module"]
+    base_path: Path
+
+
+def train_autoencoder(config: "TrainConfig", *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train the VAE to `train.max_steps` (resuming per `checkpoint.resume`); see the module docstring."""
+    run = AutoencoderRun.create(config)
+    run.on_step = on_step
+    try:
+        state = run_autoencoder_loop(run, run.start_step)
+        if not state.stopped_by and run.last_saved_step != state.step:
+            run.save_checkpoint(state)
+        output = None if state.stopped_by else run.save_output()
+        return TrainResult(state.step, output, run.last_checkpoint, state.stopped_by, state.nonfinite_total,
+                           state.skipped_pairs, state.losses)
+    finally:
+        run.accelerator.end_training()
+
+
+class AutoencoderRun(Run):
+    """A `Run` whose trained module is the VAE; checkpoints, resume and logging are the trainer's."""
+
+    @classmethod
+    def create(cls, config: "TrainConfig") -> "AutoencoderRun":
+        run = cls()
+        run.config, run.output_dir = config, Path(config.train.output_dir)
+        run.accelerator = make_accelerator(config)
+        run.checkpoints = checkpointing.checkpoint_dir(run.output_dir)
+        resume_from = _check_output(run.output_dir, run.checkpoints, config.checkpoint.resume)
+        run._setup_models()
+        run._setup_data()
+        run.start_step = run._resume(resume_from) if resume_from is not None else 0
+        return run
+
+    def _setup_models(self) -> None:
+        import torch
+
+        from training.components import build_ema, build_lr_scheduler, build_optimizer, resolve_base
+
+        config, accelerator = self.config, self.accelerator
+        base = resolve_base(config.model.base)
+        vae = load_vae(base, from_scratch=config.model.from_scratch, seed=config.train.seed)
+        if config.model.channels_last:
+            vae.to(memory_format=torch.channels_last)
+        vae.to(accelerator.device).requires_grad_(True).train()
+        self.parts = AutoencoderParts(vae, {"vae": vae}, base)
+        self.parameters = list(vae.parameters())
+        self.optimizer = build_optimizer(config, self.parameters, accelerator.device)
+        self.lr_scheduler = build_lr_scheduler(config, self.optimizer)
+        self.ema = build_ema(config, self.parameters)
+        self.vae_forward, self.optimizer = accelerator.prepare(vae, self.optimizer)
+        self.forward_modules = {"vae": self.vae_forward}
+        self.generator = torch.Generator(accelerator.device).manual_seed(config.train.seed)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        side = config.data.resolution // factor
+        self.latent_shape = (vae.config.latent_channels, side, side)
+
+    def _setup_data(self) -> None:
+        from training.data import PairedDataset, load_pairs
+        from training.sampler import BatchLayout, StepSampler
+
+        config, data = self.config, self.config.data
+        pairs = load_pairs(data.source, image_column=data.image_column, conditioning_column=data.conditioning_column,
+                           caption_column=data.caption_column)
+        if data.max_samples:
+            pairs = pairs[: data.max_samples]
+        self.dataset = PairedDataset(pairs, resolution=data.resolution, center_crop=data.center_crop,
+                                     condition_fn=image_as_condition, on_bad_pair=data.on_bad_pair,
+                                     seed=config.train.seed)
+        self.layout = BatchLayout(config.train.batch_size, self.accelerator.num_processes,
+                                  config.train.gradient_accumulation_steps)
+        self.sampler = StepSampler(range(len(self.dataset)), self.layout, config.train.seed)
+
+    def validate(self, step: int, should_stop: Any) -> None:
+        if self.accelerator.is_main_process:
+            save_reconstructions(self.parts.vae, self._first_images(self.config.validation.count),
+                                 self.output_dir / "validation" / f"step-{step:08d}.png")
+        self.accelerator.wait_for_everyone()
+
+    def save_output(self) -> Path:
+        """OUTPUT/model: the base folder with the trained VAE (EMA weights when `ema.use_for_output`)."""
+        from diffusers import StableDiffusionPipeline
+
+        from training.output import _final_weights
+
+        folder = self.output_dir / "model"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with _final_weights(self):
+                vae = self.parts.vae.eval()
+                vae.register_to_config(scaling_factor=latent_scaling_factor(vae, self._first_images(SCALING_SAMPLES)))
+                save_reconstructions(vae, self._first_images(self.config.validation.count),
+                                     self.output_dir / "validation" / "reconstructions.png")
+                pipeline = StableDiffusionPipeline.from_pretrained(
+                    self.parts.base_path, vae=vae, use_safetensors=True, local_files_only=True, safety_checker=None,
+                    feature_extractor=None, requires_safety_checker=False,
+                )
+                pipeline.save_pretrained(folder, safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def _first_images(self, count: int) -> "torch.Tensor":
+        """(N, 3, R, R) in [-1, 1]: the first `count` readable training images, in dataset order."""
+        import torch
+
+        images = []
+        for index in range(len(self.dataset)):
+            item = self.dataset[index]
+            if item is not None:
+                images.append(item["pixel_values"])
+            if len(images) == count:
+                break
+        return torch.stack(images)
+
+
+def load_vae(base: Path, *, from_scratch: bool, seed: int) -> Any:
+    """The base folder's VAE: its architecture with seeded random weights, or its trained weights."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    if from_scratch:
+        torch.manual_seed(seed)
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(base, subfolder="vae"))
+    return AutoencoderKL.from_pretrained(base, subfolder="vae", use_safetensors=True)
+
+
+def autoencoder_loss(vae: Any, pixels: "torch.Tensor", eps: "torch.Tensor") -> "torch.Tensor":
+    """The loss of the module docstring for (B, 3, H, W) images in [-1, 1], as a 0-dim float32 tensor.
+
+    Args:
+        eps: (B, C, h, w) standard normal draws of the latent posterior sample.
+    """
+    posterior = vae.encode(pixels).latent_dist
+    latents = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
+    reconstruction = vae.decode(latents).sample
+    absolute = (reconstruction.float() - pixels.float()).abs().sum(dim=(1, 2, 3))
+    kl = posterior.kl().float()
+    return ((absolute + KL_WEIGHT * kl) / pixels[0].numel()).mean()
+
+
+def latent_scaling_factor(vae: Any, pixels: "torch.Tensor", batch: int = 32) -> float:
+    """1 / the standard deviation of posterior samples of `pixels` (seeded draws), rounded to 5 digits."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch):
+            posterior = vae.encode(pixels[start : start + batch].to(vae.device, vae.dtype)).latent_dist
+            samples.append(posterior.sample(generator=generator).float().cpu())
+    return round(1.0 / float(torch.cat(samples).std()), 5)
+
+
+def save_reconstructions(vae: Any, pixels: "torch.Tensor", path: Path) -> None:
+    """A PNG of the images (top row) over their reconstructions from the posterior mean (bottom row)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    was_training = vae.training
+    vae.eval()
+    with torch.no_grad():
+        pixels = pixels.to(vae.device, vae.dtype)
+        reconstructed = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    vae.train(was_training)
+    rows = [torch.cat(list(images.float().clamp(-1, 1)), dim=2) for images in (pixels, reconstructed)]
+    grid = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(grid)).save(path)
+
+
+def run_autoencoder_loop(run: AutoencoderRun, start_step: int) -> LoopState:
+    """Optimizer steps from `start_step` to `train.max_steps` with the trainer's checkpoint, stop and log rules."""
+    from training.loop import _due, _progress_bar
+    from training.sampler import epoch_ranges
+
+    config = run.config
+    state = LoopState(step=start_step, **run.counters)
+    progress = _progress_bar(run, start_step)
+    window_start, window_steps = time.perf_counter(), 0
+    with StopFlag() as stop:
+        for epoch, first, last in epoch_ranges(run.sampler, start_step, config.train.max_steps):
+            micro_batches = iter(run.loader(epoch, first, last))
+            for step in range(first, last):
+                loss = autoencoder_step(run, step, micro_batches, state)
+                state.step, window_steps = step + 1, window_steps + 1
+                state.losses.append(math.nan if loss is None else loss)
+                if loss is not None:
+                    state.recent_losses.append(loss)
+                if state.step % config.logging.every_steps == 0 or state.step == config.train.max_steps:
+                    rate = window_steps * run.layout.global_batch / (time.perf_counter() - window_start)
+                    run.log_metrics(state, rate, progress)
+                    window_start, window_steps, state.recent_losses = time.perf_counter(), 0, []
+                progress.update(1)
+                if run.on_step is not None:
+                    run.on_step(state.step)
+                state.stopped_by = stop.agreed(run.accelerator)
+                if state.stopped_by or _due(state.step, config.checkpoint.every_steps):
+                    run.save_checkpoint(state)
+                if state.stopped_by:
+                    break
+                if _due(state.step, config.validation.every_steps):
+                    run.validate(state.step, should_stop=lambda: bool(stop.signum))
+            if state.stopped_by:
+                break
+    progress.close()
+    return state
+
+
+def autoencoder_step(run: AutoencoderRun, step: int, micro_batches: Any, state: LoopState) -> float | None:
+    """One optimizer step over its micro-batches; the mean loss, or None when skipped for a non-finite loss."""
+    import torch
+
+    accelerator, layout = run.accelerator, run.layout
+    eps = torch.randn((layout.global_batch, *run.latent_shape), generator=run.generator, device=run.generator.device)
+    positions = {index: position for position, index in enumerate(run.sampler.step_indices(step))}
+    losses, finite, last = [], True, None
+    for _ in range(layout.accumulation):
+        batch = next(micro_batches)
+        state.skipped_pairs += batch["skipped"]
+        with accelerator.accumulate(run.vae_forward):
+            if not finite:
+                continue
+            weight = 1.0
+            if batch["indices"]:
+                rows = torch.tensor([positions[index] for index in batch["indices"]], device=eps.device)
+                last = (batch["pixel_values"].to(accelerator.device), eps[rows].to(accelerator.device))
+            elif last is None:
+                from controlkit.errors import ControlkitError
+
+                raise ControlkitError("every pair of the first batch is bad; check them: `controlkit dataset check`")
+            else:
+                weight = 0.0  # an all-bad batch: run the previous one without effect, as the diffusion trainer does
+            pixels, draws = last
+            if run.config.model.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                loss = autoencoder_loss(run.vae_forward, pixels, draws) * weight
+            if _reduce_max(accelerator, 0.0 if bool(loss.isfinite()) else 1.0):
+                finite = False
+                continue
+            accelerator.backward(loss)
+            losses.append(loss.detach())
+    if finite:
+        finite = apply_update(run, state)
+    run.optimizer.zero_grad(set_to_none=True)
+    if not finite:
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_total += 1
+        if state.nonfinite_in_a_row >= run.config.train.max_consecutive_nonfinite:
+            raise TrainingDiverged(
+                f"{state.nonfinite_in_a_row} non-finite losses in a row at step {step + 1}; lower "
+                "optim.learning_rate or check the data"
+            )
+        return None
+    state.nonfinite_in_a_row = 0
+    return float(sum(loss.item() for loss in losses) / len(losses))
