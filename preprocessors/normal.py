@@ -1,4 +1,4 @@
-"""Surface normal maps: ControlNet 1.0's normals from depth, or NormalBAE from an exported network.
+"""Surface normal maps: ControlNet 1.0's normals from depth, or ControlNet 1.1's NormalBAE network.
 
 **model="depth"** (default; what `control_sd15_normal` was trained on, ControlNet `annotator/midas`): on the raw
 relative inverse depth `d` (near = large) at the detect resolution (384 in the 1.0 normal app),
@@ -14,15 +14,19 @@ The default `channel_order="zyx"` returns exactly what the model was fed (a flat
 scale; the reference values belong to MiDaS DPT-Hybrid (`Intel/dpt-hybrid-midas`). With `from_depth=True` the input
 image is itself a depth map (near bright, e.g. from the `depth` preprocessor); its grey levels (0..255) are `d`.
 
-**model="bae"** (ControlNet 1.1 `control_v11p_sd15_normalbae`): NormalBAE's network (NNET) has an EfficientNet-B5
-encoder built by timm/geffnet, which this toolkit does not depend on (they need torchvision, which the CPU torch
-here cannot run), and it is not re-implemented here. So NormalBAE runs from an export of NNET made where it runs:
-a `torch.export` archive (`torch.export.save(torch.export.export(nnet.eval(), (torch.zeros(1, 3, 512, 512),),
-dynamic_shapes=...), "normalbae.pt2")`; declare dynamic height and width to take other sizes) or a TorchScript
-file (`torch.jit.trace(nnet.eval(), torch.zeros(1, 3, 512, 512)).save("normalbae.ts")`, which only takes the size
-it was traced at). The input is the image at the detect resolution (512) / 255 with ImageNet mean/std; the output
-`out[0][-1][:, :3]` (or a plain (1, 3+, H, W) tensor) is mapped (n + 1) / 2 to RGB in the network's channel order,
-as the reference annotator did. A TorchScript file runs its own code: load only exports you made or trust.
+**model="bae"** (ControlNet 1.1 `control_v11p_sd15_normalbae`): NormalBAE (Bae et al., ICCV 2021), the
+released `scannet.pt` from lllyasviel/Annotators read into this toolkit's own port of its network
+(`preprocessors.nets.normalbae`: EfficientNet-B5 encoder with TF "SAME" padding, the uncertainty-aware decoder),
+without timm/geffnet. As the reference annotator: the image at the detect resolution (512) / 255 with ImageNet
+mean/std, the full-resolution prediction `out[0][-1][:, :3]` mapped (n + 1) / 2 to RGB, which is ScanNet's colour
+protocol (blue faces the camera, red points left, green up). Sides that are not multiples of 32 (only possible
+with `detect_resolution=None`) are padded with edge pixels and the map cropped back.
+`weights` may also be an export of the reference NNET made where timm runs: a `torch.export` archive
+(`torch.export.save(torch.export.export(nnet.eval(), (torch.zeros(1, 3, 512, 512),), dynamic_shapes=...),
+"normalbae.pt2")`; declare dynamic height and width to take other sizes) or a TorchScript file
+(`torch.jit.trace(nnet.eval(), torch.zeros(1, 3, 512, 512)).save("normalbae.ts")`, which only takes the size it
+was traced at); exports are recognised by content. A TorchScript file runs its own code: load only exports you
+made or trust; `scannet.pt` itself is read with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from controlkit.errors import CheckpointError, ControlkitError, WeightsNotFoundError
+from controlkit.errors import CheckpointError, ControlkitError, UnsafeCheckpointError, WeightsNotFoundError
 from controlkit.weights import models_dir, resolve_weights
 from preprocessors.base import Preprocessor, check_detect_resolution
 from preprocessors.depth import DEFAULT_MODEL_DIRS, DepthPreprocessor, load_depth_model
@@ -47,12 +51,15 @@ CHANNEL_ORDERS = ("zyx", "xyz")
 METHODS = ("depth", "bae")
 #: Default detect resolutions: the ControlNet 1.0 normal app (384) and the 1.1 NormalBAE app (512).
 REFERENCE_RESOLUTIONS = {"depth": 384, "bae": 512}
-BAE_FILE_NAMES = ("normalbae.pt2", "normalbae.ts")
+#: Looked for in $CONTROLKIT_MODELS (or in a folder given as `weights`): the released file, then exports.
+BAE_FILE_NAMES = ("scannet.pt", "normalbae.pt2", "normalbae.ts")
+#: NormalBAE's total stride: the network needs sides that are multiples of it.
+_BAE_MULTIPLE = 32
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _BAE_HINT = (
-    "Pass `weights` (command line: --set weights=PATH) as a torch.export (.pt2) or TorchScript export of "
-    "NormalBAE's NNET network, or save one as $CONTROLKIT_MODELS/normalbae.pt2"
+    "Pass `weights` (command line: --set weights=PATH) as NormalBAE's scannet.pt (from lllyasviel/Annotators) "
+    "or an export of its NNET network (.pt2 / TorchScript), or put scannet.pt in $CONTROLKIT_MODELS"
 )
 
 
@@ -87,32 +94,53 @@ def normals_from_depth(
 
 
 def load_bae_module(weights: str | os.PathLike | None) -> Any:
-    """Load an export of NormalBAE's NNET (see the module docstring), on the CPU.
+    """NormalBAE on the CPU, in eval mode: the released `scannet.pt` in this toolkit's network, or an export.
 
     Args:
-        weights: a `torch.export` archive (.pt2) or a TorchScript file; None looks for `BAE_FILE_NAMES` in
+        weights: `scannet.pt` (or the same state dict as safetensors), a folder holding it, a `torch.export`
+            archive (.pt2) or a TorchScript file (recognised by content), or a hub id holding `scannet.pt`
+            (e.g. lllyasviel/Annotators; only when given explicitly); None looks for `BAE_FILE_NAMES` in
             $CONTROLKIT_MODELS.
 
     Raises:
         WeightsNotFoundError: no file given or found.
-        CheckpointError: neither format (e.g. the original `scannet.pt` state dict), or unreadable.
+        CheckpointError: neither an export nor a NormalBAE state dict (the message lists mismatched keys).
+        UnsafeCheckpointError: a pickle that would need code outside the weights-only allowlist.
     """
     import torch
 
-    path = resolve_weights("NormalBAE", weights, local_names=BAE_FILE_NAMES, hint=_BAE_HINT)
+    path = _bae_file(resolve_weights("NormalBAE", weights, local_names=BAE_FILE_NAMES,
+                                     hub_filename=BAE_FILE_NAMES[0], hint=_BAE_HINT))
     kind = _export_kind(path)
     if kind is None:
-        raise CheckpointError(
-            f"{path}: not a torch.export or TorchScript export. NormalBAE's scannet.pt is a state dict of the NNET "
-            "network, whose EfficientNet-B5 encoder needs timm/geffnet (not available here); export NNET where it "
-            "runs (torch.export.save or torch.jit.trace(...).save) and pass that file, or use model=depth"
-        )
+        return _load_released_bae(path)
     try:
         if kind == "export":
             return torch.export.load(str(path)).module()
         return torch.jit.load(str(path), map_location="cpu").eval()
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: cannot load the {kind} file ({str(error).splitlines()[0]})") from None
+
+
+def _bae_file(path: Path) -> Path:
+    """A folder given as `weights` stands for the first of `BAE_FILE_NAMES` inside it."""
+    if not path.is_dir():
+        return path
+    for name in BAE_FILE_NAMES:
+        if (path / name).is_file():
+            return path / name
+    raise WeightsNotFoundError(f"NormalBAE weights: {path} holds none of {', '.join(BAE_FILE_NAMES)}")
+
+
+def _load_released_bae(path: Path) -> Any:
+    from preprocessors.nets.normalbae import load_normalbae
+
+    try:
+        return load_normalbae(path).requires_grad_(False)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; it is not a torch.export or TorchScript export either") from None
 
 
 def _export_kind(path: Path) -> str | None:
@@ -193,9 +221,9 @@ class NormalPreprocessor(Preprocessor):
         """Build from parameters, loading the networks.
 
         Args:
-            model: "depth" (ControlNet 1.0 normals from depth) or "bae" (NormalBAE from an export).
+            model: "depth" (ControlNet 1.0 normals from depth) or "bae" (NormalBAE).
             depth_model: a transformers depth-estimation folder or hub id (model="depth" on photos).
-            weights: the NormalBAE export, torch.export (.pt2) or TorchScript (model="bae").
+            weights: NormalBAE's scannet.pt, or an export of its network (model="bae"; see `load_bae_module`).
             detect_resolution: "auto" is the reference's for the method (384 for depth, 512 for bae).
             from_depth, alpha, bg_threshold, channel_order: as the constructor.
         """
@@ -227,7 +255,7 @@ class NormalPreprocessor(Preprocessor):
         return (
             "a depth model for photos (--set depth_model=PATH_OR_HUB_ID, e.g. Intel/dpt-hybrid-midas, or "
             "$CONTROLKIT_MODELS/depth), or --set from_depth=true with a depth map as input; NormalBAE: "
-            "--set model=bae --set weights=EXPORTED_NNET_FILE"
+            "--set model=bae --set weights=PATH/scannet.pt (lllyasviel/Annotators)"
         )
 
     def to(self, device: Any) -> NormalPreprocessor:
@@ -255,19 +283,22 @@ class NormalPreprocessor(Preprocessor):
     def _bae_normals(self, image: np.ndarray) -> np.ndarray:
         import torch
 
-        normalised = (image.astype(np.float32) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
+        from controlkit.image import crop_to, pad_to_multiple
+
+        padded = pad_to_multiple(image, _BAE_MULTIPLE)
+        normalised = (padded.astype(np.float32) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
         tensor = torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))[None]
         try:
             with torch.inference_mode():
                 output = self.bae(tensor.to(_module_device(self.bae)))
         except RuntimeError as error:
             raise ControlkitError(
-                f"the NormalBAE module failed on a {image.shape[1]}x{image.shape[0]} input "
+                f"the NormalBAE module failed on a {padded.shape[1]}x{padded.shape[0]} input "
                 f"({str(error).splitlines()[0]}); a traced or static-shape export only takes the size it was made at"
             ) from None
         normal = _bae_prediction(output)[0, :3]
         normal = ((normal.float() + 1.0) * 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-        return (normal * 255.0).clip(0, 255).astype(np.uint8)
+        return crop_to((normal * 255.0).clip(0, 255).astype(np.uint8), image.shape[:2])
 
 
 def _bae_prediction(output: Any) -> torch.Tensor:

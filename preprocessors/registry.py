@@ -90,7 +90,7 @@ PREPROCESSORS: dict[str, PreprocessorSpec] = {
         PreprocessorSpec(
             "normal", "preprocessors.normal:NormalPreprocessor",
             "surface normals from depth (ControlNet 1.0 method); NormalBAE with weights",
-            "a depth model (or a depth map as input); NormalBAE: an export of its network (local path)",
+            "a depth model (or a depth map as input); NormalBAE: scannet.pt (lllyasviel/Annotators) or an export",
             "MIT (method); depends on the depth model",
         ),
         PreprocessorSpec(
