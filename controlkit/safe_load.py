@@ -238,8 +238,10 @@ def _unsafe_globals(path: Path, kind: str, error: Exception) -> list[str]:
 def _tensors_of(loaded: Any, keep: Callable[[str], bool]) -> tuple[dict[str, Any], int]:
     import torch
 
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]  # a Lightning checkpoint
+    for wrapper in ("state_dict", "model"):  # Lightning checkpoints; NormalBAE's released {"model": ...}
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+            break
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"a checkpoint must hold a dict of tensors, this one holds a {type(loaded).__name__}")
     tensors: dict[str, Any] = {}

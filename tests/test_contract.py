@@ -61,6 +61,14 @@ def _normal_from_photo() -> Preprocessor:
     return NormalPreprocessor(_depth(), detect_resolution=64)
 
 
+def _normal_bae() -> Preprocessor:
+    from preprocessors.nets.normalbae import NormalBAE
+    from preprocessors.normal import NormalPreprocessor
+
+    torch.manual_seed(0)
+    return NormalPreprocessor(bae=NormalBAE().eval(), detect_resolution=64)
+
+
 #: (entry, variant) -> a ready instance. Every registry entry that can run here appears at least once.
 FACTORIES: dict[tuple[str, str], Callable[[], Preprocessor]] = {
     ("canny", "default"): lambda: get_preprocessor("canny"),
@@ -77,6 +85,7 @@ FACTORIES: dict[tuple[str, str], Callable[[], Preprocessor]] = {
     ("depth", "dpt"): _depth,
     ("normal", "from_photo"): _normal_from_photo,
     ("normal", "from_depth"): lambda: get_preprocessor("normal", from_depth=True),
+    ("normal", "bae"): _normal_bae,
 }
 #: Entries that cannot run on a CPU-only machine, and why.
 NOT_RUNNABLE_HERE = {"aux": "controlnet_aux needs torchvision/timm, i.e. a CUDA torch"}

@@ -26,14 +26,11 @@ it through the project's weights-only reader and checks every key and shape.
 from __future__ import annotations
 
 import os
-import pickle
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from controlkit.errors import CheckpointError, UnsafeCheckpointError
 from preprocessors.nets import load_state_dict_into, read_state_dict
 from preprocessors.nets.normalbae_encoder import Encoder, round_channels
 
@@ -153,37 +150,6 @@ def load_normalbae(path: str | os.PathLike) -> NormalBAE:
 
 
 def read_normalbae_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A flat state dict from a NormalBAE file, unwrapping the released file's {"model": state_dict}.
-
-    The project reader (`read_state_dict`) takes flat files and {"state_dict": ...}; for anything else it
-    reports no tensors, and a PyTorch file is then read once more, also with `weights_only=True`, for the
-    "model" entry. Both reads refuse the same pickles, so the second adds no risk.
-    """
-    try:
-        return read_state_dict(path)
-    except UnsafeCheckpointError:
-        raise
-    except CheckpointError as error:
-        nested = _model_entry(Path(path))
-        if nested is None:
-            raise error from None
-        return nested
-
-
-def _model_entry(path: Path) -> dict[str, torch.Tensor] | None:
-    """The tensors under "model" in a PyTorch file, or None (the first read's error then stands)."""
-    from controlkit.safe_load import TORCH_PICKLE, TORCH_ZIP, sniff_format
-
-    try:
-        kind = sniff_format(path)
-        if kind not in (TORCH_ZIP, TORCH_PICKLE):
-            return None
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == TORCH_ZIP)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
-        return None  # the first read's error already says what is wrong with this file
-    model = loaded.get("model") if isinstance(loaded, dict) else None
-    if not isinstance(model, dict):
-        return None
-    tensors = {str(key).removeprefix("module."): value for key, value in model.items()
-               if isinstance(value, torch.Tensor)}
-    return tensors or None
+    """A flat state dict from a NormalBAE file (the released one wraps it as {"model": state_dict}, which the
+    project reader unwraps); a `module.` prefix from DataParallel training is dropped."""
+    return {key.removeprefix("module."): value for key, value in read_state_dict(path).items()}
