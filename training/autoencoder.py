@@ -19,21 +19,16 @@ diffusion model sees latents of unit variance. `OUTPUT/validation/reconstruction
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training import checkpointing
-from training.loop import LoopState, StopFlag, TrainingDiverged, _reduce_max, apply_update
-from training.trainer import Run, TrainResult, _check_output, image_as_condition, make_accelerator
+from training.loop import LoopState, TrainingDiverged, _reduce_max, apply_update
+from training.trainer import Run, image_as_condition
 
 if TYPE_CHECKING:
     import torch
 
-    from training.config import TrainConfig
 
 #: Weight of the KL term against the summed absolute error (Stable Diffusion's autoencoder used 1e-6).
 KL_WEIGHT = 1e-6
@@ -50,35 +45,15 @@ class AutoencoderParts:
     base_path: Path
 
 
-def train_autoencoder(config: "TrainConfig", *, on_step: Callable[[int], None] | None = None) -> TrainResult:
-    """Train the VAE to `train.max_steps` (resuming per `checkpoint.resume`); see the module docstring."""
-    run = AutoencoderRun.create(config)
-    run.on_step = on_step
-    try:
-        state = run_autoencoder_loop(run, run.start_step)
-        if not state.stopped_by and run.last_saved_step != state.step:
-            run.save_checkpoint(state)
-        output = None if state.stopped_by else run.save_output()
-        return TrainResult(state.step, output, run.last_checkpoint, state.stopped_by, state.nonfinite_total,
-                           state.skipped_pairs, state.losses)
-    finally:
-        run.accelerator.end_training()
-
-
 class AutoencoderRun(Run):
     """A `Run` whose trained module is the VAE; checkpoints, resume and logging are the trainer's."""
 
-    @classmethod
-    def create(cls, config: "TrainConfig") -> "AutoencoderRun":
-        run = cls()
-        run.config, run.output_dir = config, Path(config.train.output_dir)
-        run.accelerator = make_accelerator(config)
-        run.checkpoints = checkpointing.checkpoint_dir(run.output_dir)
-        resume_from = _check_output(run.output_dir, run.checkpoints, config.checkpoint.resume)
-        run._setup_models()
-        run._setup_data()
-        run.start_step = run._resume(resume_from) if resume_from is not None else 0
-        return run
+    def optimizer_step(self, step: int, micro_batches: Any, state: LoopState) -> float | None:
+        """One optimizer step of the VAE (`autoencoder_step`)."""
+        return autoencoder_step(self, step, micro_batches, state)
+
+    def _setup_validation(self) -> None:
+        """Validation here is reconstruction grids (`validate`), not generation: no pipeline to build."""
 
     def _setup_models(self) -> None:
         import torch
@@ -215,44 +190,6 @@ def save_reconstructions(vae: Any, pixels: "torch.Tensor", path: Path) -> None:
     grid = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(grid)).save(path)
-
-
-def run_autoencoder_loop(run: AutoencoderRun, start_step: int) -> LoopState:
-    """Optimizer steps from `start_step` to `train.max_steps` with the trainer's checkpoint, stop and log rules."""
-    from training.loop import _due, _progress_bar
-    from training.sampler import epoch_ranges
-
-    config = run.config
-    state = LoopState(step=start_step, **run.counters)
-    progress = _progress_bar(run, start_step)
-    window_start, window_steps = time.perf_counter(), 0
-    with StopFlag() as stop:
-        for epoch, first, last in epoch_ranges(run.sampler, start_step, config.train.max_steps):
-            micro_batches = iter(run.loader(epoch, first, last))
-            for step in range(first, last):
-                loss = autoencoder_step(run, step, micro_batches, state)
-                state.step, window_steps = step + 1, window_steps + 1
-                state.losses.append(math.nan if loss is None else loss)
-                if loss is not None:
-                    state.recent_losses.append(loss)
-                if state.step % config.logging.every_steps == 0 or state.step == config.train.max_steps:
-                    rate = window_steps * run.layout.global_batch / (time.perf_counter() - window_start)
-                    run.log_metrics(state, rate, progress)
-                    window_start, window_steps, state.recent_losses = time.perf_counter(), 0, []
-                progress.update(1)
-                if run.on_step is not None:
-                    run.on_step(state.step)
-                state.stopped_by = stop.agreed(run.accelerator)
-                if state.stopped_by or _due(state.step, config.checkpoint.every_steps):
-                    run.save_checkpoint(state)
-                if state.stopped_by:
-                    break
-                if _due(state.step, config.validation.every_steps):
-                    run.validate(state.step, should_stop=lambda: bool(stop.signum))
-            if state.stopped_by:
-                break
-    progress.close()
-    return state
 
 
 def autoencoder_step(run: AutoencoderRun, step: int, micro_batches: Any, state: LoopState) -> float | None:

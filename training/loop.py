@@ -84,7 +84,7 @@ def run_loop(run: "Run", start_step: int) -> LoopState:
         for epoch, first, last in epoch_ranges(run.sampler, start_step, config.train.max_steps):
             micro_batches = iter(run.loader(epoch, first, last))
             for step in range(first, last):
-                loss = optimizer_step(run, step, micro_batches, state)
+                loss = run.optimizer_step(step, micro_batches, state)
                 state.step, window_steps = step + 1, window_steps + 1
                 state.losses.append(math.nan if loss is None else loss)
                 if loss is not None:

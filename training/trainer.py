@@ -58,11 +58,10 @@ def train(config: "TrainConfig", *, on_step: Callable[[int], None] | None = None
     Args:
         on_step: called on the main thread after every optimizer step with the number of steps done.
     """
+    run_class = Run
     if config.model.kind == "vae":
-        from training.autoencoder import train_autoencoder
-
-        return train_autoencoder(config, on_step=on_step)
-    run = Run.create(config)
+        from training.autoencoder import AutoencoderRun as run_class
+    run = run_class.create(config)
     run.on_step = on_step
     try:
         state = run_loop(run, run.start_step)
@@ -93,10 +92,13 @@ class Run:
         run._setup_models()
         run._setup_data()
         run.start_step = run._resume(resume_from) if resume_from is not None else 0
+        run._setup_validation()
+        return run
+
+    def _setup_validation(self) -> None:
         from training.validation import Validator
 
-        run.validator = Validator(config, run) if config.validation.every_steps else None
-        return run
+        self.validator = Validator(self.config, self) if self.config.validation.every_steps else None
 
     def _setup_models(self) -> None:
         import torch
@@ -166,6 +168,12 @@ class Run:
         )
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def optimizer_step(self, step: int, micro_batches: Any, state: LoopState) -> float | None:
+        """One optimizer step of this run's model (`training.loop.optimizer_step`); the mean loss or None."""
+        from training import loop
+
+        return loop.optimizer_step(self, step, micro_batches, state)
 
     def objects(self) -> TrainingObjects:
         return TrainingObjects(self.parts.trained, self.optimizer, self.lr_scheduler, self.ema, self.generator)
