@@ -130,14 +130,14 @@ def _run(jobs: list[Job], name: str, params: dict[str, Any], annotator: Any, wor
         initializer=_init_worker,
         initargs=(name, params, threads),
     )
-    return _ordered(executor, jobs)
+    return _ordered(executor, jobs, workers)
 
 
-def _ordered(executor: ProcessPoolExecutor, jobs: list[Job]) -> Iterable:
+def _ordered(executor: ProcessPoolExecutor, jobs: list[Job], workers: int) -> Iterable:
+    # Jobs go out in chunks (fewer round trips between processes) and come back in input order.
+    chunk = max(1, min(16, len(jobs) // (8 * workers)))
     with executor:
-        futures = [executor.submit(_worker_annotate, job) for job in jobs]
-        for job, future in zip(jobs, futures):
-            yield job, future.result()
+        yield from zip(jobs, executor.map(_worker_annotate, jobs, chunksize=chunk))
 
 
 _WORKER_ANNOTATOR: Any = None

@@ -17,6 +17,7 @@ from controlkit.samples import sample_photo
 from preprocessors import PREPROCESSORS, get_preprocessor
 
 TARGETS = {"canny": 100.0, "pose": 5.0, "softedge": 1.0}
+SCALING_TARGETS = {"canny": 1.7, "pose": 1.7}  # 2 workers against 1, on a 2-core machine
 
 
 def _distinct_photos(count: int = 8) -> list[np.ndarray]:
@@ -66,7 +67,7 @@ def test_folder_with_two_workers(name, tmp_path):
     if PREPROCESSORS[name].readiness() is not None:
         pytest.skip(f"{name}: {PREPROCESSORS[name].readiness()}")
     photo = sample_photo("astronaut")
-    count = {"canny": 400, "pose": 96, "softedge": 24}[name]  # enough that worker start-up is amortised
+    count = {"canny": 1200, "pose": 240, "softedge": 24}[name]  # enough that worker start-up is amortised
     inputs = tmp_path / "in"
     inputs.mkdir()
     for index in range(count):
@@ -77,5 +78,10 @@ def test_folder_with_two_workers(name, tmp_path):
         report = annotate_paths([inputs], name, tmp_path / f"out{workers}", workers=workers)
         assert len(report.written) == count
         rates[workers] = count / (time.perf_counter() - start)
-    print(f"{name} folder of {count}: 1 worker {rates[1]:.2f}/s, 2 workers {rates[2]:.2f}/s, "
-          f"speed-up {rates[2] / rates[1]:.2f}x")
+    line = (f"{name} folder of {count}: 1 worker {rates[1]:.2f}/s, 2 workers {rates[2]:.2f}/s, "
+            f"speed-up {rates[2] / rates[1]:.2f}x")
+    print(line)
+    # HED's one worker already spreads each image's convolutions over both cores (torch intra-op threads), so a
+    # second process has no idle core to use; the target applies to the single-threaded preprocessors.
+    if name in SCALING_TARGETS:
+        assert rates[2] / rates[1] >= SCALING_TARGETS[name], line
