@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.loop import LoopState, TrainingDiverged, _reduce_max, apply_update
+from training.loop import LoopState, _reduce_max, finish_step
 from training.trainer import Run, image_as_condition
 
 if TYPE_CHECKING:
@@ -226,17 +226,4 @@ def autoencoder_step(run: AutoencoderRun, step: int, micro_batches: Any, state: 
                 continue
             accelerator.backward(loss)
             losses.append(loss.detach())
-    if finite:
-        finite = apply_update(run, state)
-    run.optimizer.zero_grad(set_to_none=True)
-    if not finite:
-        state.nonfinite_in_a_row += 1
-        state.nonfinite_total += 1
-        if state.nonfinite_in_a_row >= run.config.train.max_consecutive_nonfinite:
-            raise TrainingDiverged(
-                f"{state.nonfinite_in_a_row} non-finite losses in a row at step {step + 1}; lower "
-                "optim.learning_rate or check the data"
-            )
-        return None
-    state.nonfinite_in_a_row = 0
-    return float(sum(loss.item() for loss in losses) / len(losses))
+    return finish_step(run, state, step, finite, losses)

@@ -134,6 +134,12 @@ def optimizer_step(run: "Run", step: int, micro_batches: Any, state: LoopState) 
                 continue
             accelerator.backward(loss)
             losses.append(loss.detach())
+    return finish_step(run, state, step, finite, losses)
+
+
+def finish_step(run: "Run", state: LoopState, step: int, finite: bool, losses: list) -> float | None:
+    """Apply the accumulated update when every micro-batch was finite; count non-finite steps and stop after
+    `train.max_consecutive_nonfinite` in a row. Returns the mean loss, or None for a skipped step."""
     if finite:
         finite = apply_update(run, state)
     run.optimizer.zero_grad(set_to_none=True)
