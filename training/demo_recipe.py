@@ -3,7 +3,7 @@
     python -m training.demo_recipe data               # toy-world datasets under runs/demo/data
     python -m training.demo_recipe init               # the demo architecture with random weights: runs/demo/init
     controlkit train training/configs/demo_vae.toml   # then demo_base.toml, demo_canny.toml ... demo_normal.toml
-    python -m training.demo_recipe geometry           # the depth/normal estimator that measures those two
+    python -m training.demo_recipe geometry           # the depth/normal/pose estimator that measures those three
     python -m training.demo_recipe pack               # runs/demo -> controlkit/demo (float16 safetensors)
     python -m training.demo_recipe all                # every step above, in order
 
