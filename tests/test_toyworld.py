@@ -271,6 +271,21 @@ def test_figure_caption_and_pose(action, words):
     assert wrists_above_head.all() == (action == "raised_arms")
 
 
+def test_figures_placed_anywhere_stay_whole_and_spread_over_the_frame():
+    centred, anywhere = [], []
+    for index in range(24):
+        assert np.array_equal(render_figure((3, index)).image, render_figure((3, index), anywhere=False).image)
+        for framing, boxes in ((False, centred), (True, anywhere)):
+            scene = render_figure((3, index), anywhere=framing)
+            points = scene.keypoints[scene.keypoints[:, 2] > 0, :2]
+            assert len(points) >= 12 and points.min() >= 0 and points.max() <= 63  # the figure stays whole
+            boxes.append((points.mean(axis=0), np.ptp(points[:, 1])))
+    centres = np.array([centre for centre, _ in anywhere])
+    assert np.abs(np.array([centre for centre, _ in centred]) - 31.5).max() < 10  # centred: always the middle
+    assert centres[:, 0].min() < 20 and centres[:, 0].max() > 44  # anywhere: left and right
+    assert min(height for _, height in anywhere) < 0.7 * min(height for _, height in centred)  # and smaller
+
+
 def test_pose_map_is_drawn_at_the_keypoints():
     scene = render_figure(2, size=128)
     drawn = pose_map(scene)

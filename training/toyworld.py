@@ -23,8 +23,9 @@ are drawn from `ToyScene.keypoints` by the pose preprocessor's renderer. Caption
 
 from __future__ import annotations
 
+
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -236,13 +237,18 @@ def render_scene(seed: Seed, *, size: int = 64, n_objects: int | None = None) ->
     return ToyScene(buffers.image, buffers.depth, buffers.normals, buffers.masks, objects, caption, camera.focal)
 
 
-def _frame_figure(rng, figure, size: int, azimuth: float) -> Camera:
+def _frame_figure(rng, figure, size: int, azimuth: float, anywhere: bool = False) -> Camera:
     """A camera on `azimuth` aimed at the middle of the figure, at the nearest distance (found by bisection) at
-    which every joint and the top of the head lie inside the image with a random margin of 4-18% of its side."""
+    which every joint and the top of the head lie inside the image with a random margin of 4-18% of its side.
+
+    `anywhere`: a margin of 4-30% instead, and the camera then moves sideways and up or down (without turning) so
+    that the figure lands at a random place in the image, still whole."""
     head = figure.solids[0]
     points = np.vstack([figure.joints, head.centre + [0.0, head.radius, 0.0]])
     target = np.array([figure.position[0], (points[:, 1].min() + points[:, 1].max()) / 2, figure.position[2]])
     elevation, fov, margin = rng.uniform(0, 20), rng.uniform(40, 55), rng.uniform(0.04, 0.18) * size
+    if anywhere:
+        margin = rng.uniform(0.04, 0.30) * size
 
     def framed(distance: float) -> Camera | None:
         camera = _camera(target, distance, size, azimuth, elevation, fov)
@@ -256,14 +262,35 @@ def _frame_figure(rng, figure, size: int, azimuth: float) -> Camera:
     for _ in range(8):
         middle = (near + far) / 2
         near, far = (near, middle) if framed(middle) is not None else (middle, far)
-    return framed(far)
+    camera = framed(far)
+    return _shift_anywhere(rng, camera, points, size) if anywhere else camera
 
 
-def render_figure(seed: Seed, *, size: int = 64, action: str | None = None) -> ToyScene:
+def _shift_anywhere(rng, camera: Camera, points: np.ndarray, size: int) -> Camera:
+    """`camera` moved along its right and up axes so that `points` move by a random shift that keeps them inside
+    the image (a camera translation shifts a point by focal x offset / depth pixels)."""
+    xy, depth = camera.project(points)
+    low, high = 1.0 - xy.min(axis=0), size - 2.0 - xy.max(axis=0)
+    shift = rng.uniform(np.minimum(low, 0.0), np.maximum(high, 0.0))  # (dx, dy) in pixels
+    distance = float(depth.mean())
+    for _ in range(6):
+        offset = camera.right * (-shift[0] * distance / camera.focal) + camera.up * (shift[1] * distance / camera.focal)
+        moved = replace(camera, position=camera.position + offset)
+        moved_xy, _ = moved.project(points)
+        if moved_xy.min() >= 0 and moved_xy.max() <= size - 1:
+            return moved
+        shift = shift * 0.7
+    return camera
+
+
+def render_figure(seed: Seed, *, size: int = 64, action: str | None = None, anywhere: bool = False) -> ToyScene:
     """A capsule figure (`action` "standing", "walking" or "raised_arms"; random if None) facing within 60
     degrees of the camera, with up to two solids beside or behind it. Returns a `ToyScene` whose `keypoints` are
     the figure's OpenPose keypoints (18, 3); `objects[0]` is the figure (shape "person", instance 1), the
-    solids follow left to right."""
+    solids follow left to right.
+
+    The figure fills most of the image's height in its middle; with `anywhere` it is 40-92% of the height at a
+    random place (pose data in which the keypoints also say where the figure stands and how large it is)."""
     size = check_size(size)
     rng = np.random.default_rng(seed)
     pose = sample_pose(rng, action)
@@ -272,7 +299,7 @@ def render_figure(seed: Seed, *, size: int = 64, action: str | None = None) -> T
     azimuth = rng.uniform(-0.45, 0.45)
     position = np.array([rng.uniform(-0.5, 0.5), 0.0, rng.uniform(-0.5, 0.5)])
     figure = build_figure(pose, position, azimuth + rng.uniform(-1.05, 1.05), instance=1, albedo=_albedo(rng, body))
-    camera = _frame_figure(rng, figure, size, azimuth)
+    camera = _frame_figure(rng, figure, size, azimuth, anywhere)
     specs = [_sample_object(rng, c) for c in colours[3 : 3 + int(rng.choice(3, p=[0.4, 0.4, 0.2]))]]
     # Objects stand behind the figure or well to its side, so they rarely hide a limb.
     region = (position[0] - 2.2, position[0] + 2.2, position[2] - 2.2, position[2] + 0.3)

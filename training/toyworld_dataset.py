@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,11 @@ from training.toyworld import (
 CONDITIONS = {
     "scene": ("depth", "normal", "image", "none"),
     "figure": ("pose", "depth", "normal", "image", "none"),
+    "figure_anywhere": ("pose", "depth", "normal", "image", "none"),
     "circles": ("outline", "image", "none"),
 }
-_RENDERERS = {"scene": render_scene, "figure": render_figure, "circles": render_circles}
+_RENDERERS = {"scene": render_scene, "figure": render_figure, "circles": render_circles,
+              "figure_anywhere": partial(render_figure, anywhere=True)}
 MANIFEST, SETTINGS = "manifest.jsonl", "dataset.json"
 
 
@@ -67,7 +70,8 @@ def write_dataset(
     Args:
         directory: the dataset folder (created if missing).
         n: number of samples (the manifest lists samples 0..n-1).
-        kind: "scene", "figure" or "circles" (see `training.toyworld`).
+        kind: "scene", "figure", "figure_anywhere" (`render_figure(..., anywhere=True)`) or "circles" (see
+            `training.toyworld`).
         condition: the condition map to write; allowed per kind in `CONDITIONS`.
         size: side of the square images in pixels (a multiple of 8).
         seed: dataset seed; sample i uses the seed (seed, i).
