@@ -274,7 +274,8 @@ def _shift_anywhere(rng, camera: Camera, points: np.ndarray, size: int) -> Camer
     shift = rng.uniform(np.minimum(low, 0.0), np.maximum(high, 0.0))  # (dx, dy) in pixels
     distance = float(depth.mean())
     for _ in range(6):
-        offset = camera.right * (-shift[0] * distance / camera.focal) + camera.up * (shift[1] * distance / camera.focal)
+        world = shift * distance / camera.focal
+        offset = camera.up * world[1] - camera.right * world[0]
         moved = replace(camera, position=camera.position + offset)
         moved_xy, _ = moved.project(points)
         if moved_xy.min() >= 0 and moved_xy.max() <= size - 1:
