@@ -4,8 +4,8 @@
                               text encoder, its own word-level tokenizer), trained on the toy world
     controlnets/<condition>/  one ControlNet per condition (canny, lineart, softedge, pose, depth, normal), with
                               its condition metadata (the preprocessor and parameters its maps came from)
-    geometry/                 the toy-world depth and normal estimator that measures the depth and normal
-                              ControlNets (training/demo_geometry.py)
+    geometry/                 the toy-world depth, normal and body-keypoint estimator that measures the depth,
+                              normal and pose ControlNets (training/demo_geometry.py)
 
 They work at 64 x 64 pixels on toy-world images (training/toyworld.py); docs/demo.md says how they were trained
 and how to reproduce them. Example:
@@ -54,7 +54,7 @@ def controlnet_path(condition: str) -> Path:
 
 
 def geometry_path() -> Path:
-    """The folder of the toy-world depth and normal estimator (a diffusers `UNet2DModel`)."""
+    """The folder of the toy-world depth, normal and keypoint estimator (a diffusers `UNet2DModel`)."""
     return _existing(DEMO_DIR / "geometry", "config.json", "demo geometry estimator")
 
 

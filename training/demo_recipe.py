@@ -33,6 +33,7 @@ DATASETS = {
     "scenes_depth": ("scene", "depth", 4000),
     "scenes_normal": ("scene", "normal", 4000),
     "figures": ("figure", "pose", 4000),
+    "figures_anywhere": ("figure_anywhere", "pose", 4000),
     "circles": ("circles", "outline", 1000),
 }
 #: Folders whose images (with captions) train the VAE and the base model: manifest DATA_ROOT / "base.jsonl".
