@@ -129,12 +129,18 @@ def optimizer_step(run: "Run", step: int, micro_batches: Any, state: LoopState) 
                 loss = training_loss(run.unet_forward, controlnet, run.parts.noise_scheduler, inputs,
                                      only_mid_control=run.config.model.only_mid_control,
                                      unet_dtype=run.parts.unet.dtype)
-            if _reduce_max(accelerator, 0.0 if bool(loss.isfinite()) else 1.0):
-                finite = False
-                continue
-            accelerator.backward(loss)
-            losses.append(loss.detach())
+            finite = backward_if_finite(accelerator, loss, losses)
     return finish_step(run, state, step, finite, losses)
+
+
+def backward_if_finite(accelerator: Any, loss: Any, losses: list) -> bool:
+    """Backpropagate `loss` and keep it in `losses` if it is finite on every process; else do nothing and return
+    False, so that every process skips the step together."""
+    if _reduce_max(accelerator, 0.0 if bool(loss.isfinite()) else 1.0):
+        return False
+    accelerator.backward(loss)
+    losses.append(loss.detach())
+    return True
 
 
 def finish_step(run: "Run", state: LoopState, step: int, finite: bool, losses: list) -> float | None:
