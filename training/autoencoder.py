@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.loop import LoopState, _reduce_max, finish_step
+from training.loop import LoopState, backward_if_finite, finish_step
 from training.trainer import Run, image_as_condition
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class AutoencoderRun(Run):
         import torch
 
         from training.components import build_ema, build_lr_scheduler, build_optimizer, resolve_base
+        from training.features import latent_shape
 
         config, accelerator = self.config, self.accelerator
         base = resolve_base(config.model.base)
@@ -74,19 +75,14 @@ class AutoencoderRun(Run):
         self.vae_forward, self.optimizer = accelerator.prepare(vae, self.optimizer)
         self.forward_modules = {"vae": self.vae_forward}
         self.generator = torch.Generator(accelerator.device).manual_seed(config.train.seed)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        side = config.data.resolution // factor
-        self.latent_shape = (vae.config.latent_channels, side, side)
+        self.latent_shape = latent_shape(vae, config.data.resolution)
 
     def _setup_data(self) -> None:
-        from training.data import PairedDataset, load_pairs
+        from training.data import PairedDataset, load_training_pairs
         from training.sampler import BatchLayout, StepSampler
 
         config, data = self.config, self.config.data
-        pairs = load_pairs(data.source, image_column=data.image_column, conditioning_column=data.conditioning_column,
-                           caption_column=data.caption_column)
-        if data.max_samples:
-            pairs = pairs[: data.max_samples]
+        pairs = load_training_pairs(data)
         self.dataset = PairedDataset(pairs, resolution=data.resolution, center_crop=data.center_crop,
                                      condition_fn=image_as_condition, on_bad_pair=data.on_bad_pair,
                                      seed=config.train.seed)
@@ -221,9 +217,5 @@ def autoencoder_step(run: AutoencoderRun, step: int, micro_batches: Any, state: 
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
             with accelerator.autocast():
                 loss = autoencoder_loss(run.vae_forward, pixels, draws) * weight
-            if _reduce_max(accelerator, 0.0 if bool(loss.isfinite()) else 1.0):
-                finite = False
-                continue
-            accelerator.backward(loss)
-            losses.append(loss.detach())
+            finite = backward_if_finite(accelerator, loss, losses)
     return finish_step(run, state, step, finite, losses)

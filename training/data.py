@@ -35,7 +35,10 @@ from training.data_sources import DatasetCell, Pair, load_pairs
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Pair", "PairedDataset", "collate_pairs", "load_pairs", "make_condition_fn", "check_pair"]
+    from training.config import DataConfig
+
+__all__ = ["Pair", "PairedDataset", "collate_pairs", "load_pairs", "load_training_pairs", "make_condition_fn",
+           "check_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +171,14 @@ class PairedDataset:
         if self.center_crop:
             return (height - self.resolution) // 2, (width - self.resolution) // 2
         return int(rng.integers(0, height - self.resolution + 1)), int(rng.integers(0, width - self.resolution + 1))
+
+
+def load_training_pairs(data: DataConfig) -> list[Pair]:
+    """The training pairs a `[data]` config names: `data.source` read with its column names, cut to the first
+    `data.max_samples` when that is set."""
+    pairs = load_pairs(data.source, image_column=data.image_column, conditioning_column=data.conditioning_column,
+                       caption_column=data.caption_column)
+    return pairs[: data.max_samples] if data.max_samples else pairs
 
 
 def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:

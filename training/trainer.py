@@ -125,13 +125,10 @@ class Run:
         self.generator = torch.Generator(accelerator.device).manual_seed(config.train.seed)
 
     def _setup_data(self) -> None:
-        from training.data import PairedDataset, load_pairs, make_condition_fn
+        from training.data import PairedDataset, load_training_pairs, make_condition_fn
 
         config, data = self.config, self.config.data
-        pairs = load_pairs(data.source, image_column=data.image_column, conditioning_column=data.conditioning_column,
-                           caption_column=data.caption_column)
-        if data.max_samples:
-            pairs = pairs[: data.max_samples]
+        pairs = load_training_pairs(data)
         condition_fn = image_as_condition if config.model.kind == "base" else None  # a base model uses none
         if data.preprocessor:
             ranges = {name: tuple(bounds) for name, bounds in data.randomize.items()}
