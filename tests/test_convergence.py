@@ -56,10 +56,9 @@ def edge_f1(base, controlnet, metadata) -> tuple[float, float]:
 def test_a_fresh_canny_controlnet_learns_control_within_minutes(base, scenes, tmp_path):
     from controlkit.controlnet import ConditionMetadata, build_controlnet
 
-    from training.components import CONDITIONING_STAGES
+    from training.components import conditioning_stages
 
-    stages = CONDITIONING_STAGES[: len(base.vae.config.block_out_channels)]  # down to the x4 VAE's latents
-    fresh = build_controlnet(base.unet, conditioning_embedding_out_channels=stages)
+    fresh = build_controlnet(base.unet, conditioning_embedding_out_channels=conditioning_stages(base.vae))
     start_on, start_off = edge_f1(base, fresh, ConditionMetadata(condition="canny", preprocessor="canny"))
     assert start_on == pytest.approx(start_off, abs=1e-6)  # zero convolutions: an untrained ControlNet is the base
 

@@ -94,6 +94,13 @@ def load_components(config: "TrainConfig", device: Any, weight_dtype: "torch.dty
     return Components(unet, vae, text_encoder, tokenizer, noise_scheduler, controlnet, trained, base)
 
 
+def conditioning_stages(vae: Any) -> tuple[int, ...]:
+    """Channels of a new ControlNet's conditioning encoder for a base with this VAE: it must bring condition maps
+    down by the VAE's factor, one stride-2 stage per halving (SD's x8 VAE: all of `CONDITIONING_STAGES`)."""
+    halvings = len(vae.config.block_out_channels) - 1
+    return CONDITIONING_STAGES[: halvings + 1]
+
+
 def _controlnet(config: "TrainConfig", unet: Any, vae: Any) -> Any:
     import torch
 
@@ -108,12 +115,9 @@ def _controlnet(config: "TrainConfig", unet: Any, vae: Any) -> Any:
                 f"takes {controlnet.config.conditioning_channels}-channel maps; set it to match"
             )
     else:
-        # The conditioning encoder must bring maps down by the VAE's factor: one stride-2 stage per halving.
-        halvings = len(vae.config.block_out_channels) - 1
-        stages = CONDITIONING_STAGES[: halvings + 1]
         torch.manual_seed(config.train.seed)  # the conditioning encoder is the only randomly initialised part
         controlnet = build_controlnet(unet, conditioning_channels=config.model.conditioning_channels,
-                                      conditioning_embedding_out_channels=stages)
+                                      conditioning_embedding_out_channels=conditioning_stages(vae))
     controlnet.requires_grad_(True)
     return controlnet.train()
 
