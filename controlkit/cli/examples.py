@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from controlkit.cli.common import HelpFormatter, parse_assignments
+from controlkit.cli.common import HelpFormatter, checkpoint_preprocessor, parse_assignments
 from controlkit.errors import ConfigError, ControlkitError
 
 #: Generic prompts for real checkpoints when no --prompt is given.
@@ -133,12 +133,8 @@ def _annotator(condition: str, metadata: Any, params: dict[str, Any], *, demo: b
 
     if demo and not params:
         return condition_annotator(condition, metadata)
-    from preprocessors.registry import get_preprocessor
-
-    name = getattr(metadata, "preprocessor", None) or condition
-    stored = dict(getattr(metadata, "preprocessor_params", None) or {}) if metadata is not None else {}
     try:
-        return get_preprocessor(name, **{**stored, **params})
+        return checkpoint_preprocessor(condition, metadata, params)
     except ValueError as error:
         raise ConfigError(f"--set: {error}") from None
 

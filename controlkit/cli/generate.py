@@ -166,12 +166,10 @@ def _load_control(name: str, source: str, photo: Any, options: dict[str, Any], u
 
 def _preprocessor(name: str, metadata: Any) -> Any:
     """The preprocessor the checkpoint's metadata names (with its parameters), else the one called `name`."""
-    from preprocessors.registry import get_preprocessor
+    from controlkit.cli.common import checkpoint_preprocessor
 
-    preprocessor = getattr(metadata, "preprocessor", None)
-    params = dict(getattr(metadata, "preprocessor_params", None) or {}) if preprocessor else {}
     try:
-        return get_preprocessor(preprocessor or name, **params)
+        return checkpoint_preprocessor(name, metadata)
     except ValueError as error:
         raise ConfigError(
             f"--preprocess {name}: {error} Name the control after its preprocessor, or use a ControlNet whose "
