@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controlkit.control import Control, PreparedControl, check_fits, condition_tensor, fit_image, prepare_control
+from controlkit.control import (
+    Control, PreparedControl, check_fits, check_placement, condition_tensor, fit_image, prepare_control,
+)
 from controlkit.errors import CheckpointError, ConfigError, ControlkitError, WeightsNotFoundError
 
 if TYPE_CHECKING:
@@ -36,6 +39,10 @@ BASE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 #: Output sides must be multiples of this (SD's VAE downsamples by 8).
 SIZE_MULTIPLE = 8
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: Held while a prompt is encoded. A tokenizer backed by the `tokenizers` library (transformers 5's CLIPTokenizer)
+#: keeps its padding and truncation settings on the shared object and diffusers' `encode_prompt` changes them
+#: between its calls (max_length, then longest), so two generations encoding at once could pad each other's prompt.
+_PROMPT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -52,6 +59,17 @@ class GenerationResult:
     images: Any
     seed: int
     settings: dict[str, Any]
+
+
+def quiet_loading() -> None:
+    """No per-component progress bars while loading (the command prints one summary line instead), and no
+    transformers notices about optional image processors that Stable Diffusion's safety checker would use."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
 def base_from_components(components: Mapping[str, Any]) -> StableDiffusionPipeline:
@@ -179,7 +197,8 @@ def generate(
     Args:
         base: the frozen base (`load_base`, `base_from_components`, or any diffusers SD pipeline).
         prompt: the text prompt.
-        controls: `Control`s; their residuals are summed. ControlNets are moved to the base's device/dtype.
+        controls: `Control`s; their residuals are summed. Each ControlNet must be on the base's device and dtype
+            (`Control.from_pretrained(..., unet=base.unet)` loads it so); it is never moved or converted here.
         negative_prompt: the unconditional side of guidance (default: the empty prompt).
         steps: scheduler steps (img2img runs the last `strength` fraction of them).
         guidance_scale: classifier-free guidance; 1 or less turns it off.
@@ -194,6 +213,9 @@ def generate(
         strength: img2img noise strength in (0, 1]; 1 ignores the init image's content.
         eta: DDIM eta (ignored by other schedulers).
         output_type: "pil", "np", "pt" or "latent".
+
+    Nothing passed in is modified (modules, their scheduler, images), and each call has its own scheduler and
+    generator, so several threads may generate with one base and the same ControlNets at the same time.
     """
     import torch
 
@@ -211,7 +233,8 @@ def generate(
     pipe = _step_pipeline(parts, make_scheduler(scheduler, parts["scheduler"].config), img2img=init is not None)
     guided = guidance_scale > 1.0
     with torch.no_grad():
-        positive, negative = pipe.encode_prompt(prompt, device, num_images, guided, negative_prompt)
+        with _PROMPT_LOCK:
+            positive, negative = pipe.encode_prompt(prompt, device, num_images, guided, negative_prompt)
         text_embeds = torch.cat([negative, positive]) if guided else positive
         timesteps, latents = _start(pipe, init, size, resize_mode, steps, strength, num_images, text_embeds, generator)
         prepared = [
@@ -321,13 +344,12 @@ def _start(
 def _prepare(
     control: Control, condition: np.ndarray, unet: Any, device: Any, dtype: Any, vae_factor: int, index: int
 ) -> PreparedControl | None:
-    """Check and move the control's ControlNet, then compute its condition embedding (None if scale is 0)."""
+    """Check the control's ControlNet, then compute its condition embedding (None if scale is 0)."""
     if not any(control.layer_scales()):
         return None  # scale 0: the control is not run at all
     controlnet = control.controlnet
     check_fits(controlnet, unet, name=f"the ControlNet of control {index + 1}")
-    if controlnet.device != device or controlnet.dtype != dtype:
-        controlnet.to(device=device, dtype=dtype)
+    check_placement(controlnet, device, dtype, name=f"the ControlNet of control {index + 1}")
     prepared = prepare_control(control, condition, device, dtype)
     latent_size = (condition.shape[0] // vae_factor, condition.shape[1] // vae_factor)
     if tuple(prepared.embedding.shape[-2:]) != latent_size:

@@ -192,10 +192,8 @@ def _sd_scheduler() -> Any:
 def save_components(components: dict[str, Any], directory: str | Path) -> Path:
     """Write components as a diffusers folder (model_index.json + one sub-folder each) loadable by diffusers'
     `StableDiffusionPipeline.from_pretrained` and by `controlkit generate --base`."""
-    from diffusers import StableDiffusionPipeline
+    from controlkit.sd_pipelines import pipeline_from_components
 
-    pipeline = StableDiffusionPipeline(
-        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    pipeline = pipeline_from_components(components)
     pipeline.save_pretrained(str(directory), safe_serialization=True)
     return Path(directory)

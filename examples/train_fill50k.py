@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", default="runs/examples/fill50k", help="training output folder")
     args = parser.parse_args(argv)
 
-    from controlkit.demo_models import base_path
+    from controlkit.demo.models import base_path
     from controlkit.errors import ControlkitError
     from training.config import load_config
-    from training.toyworld_dataset import write_dataset
-    from training.trainer import train
+    from controlkit.demo.toyworld.dataset import write_dataset
+    from training.engine.trainer import train
 
     output = Path(args.output)
     data = Path(args.folder) if args.folder else write_dataset(output.parent / "fill50k_data", args.circles,
@@ -69,9 +69,9 @@ def check(controlnet: Path, data: Path, args: argparse.Namespace) -> Path:
     from PIL import Image
 
     from controlkit.control import Control
-    from controlkit.demo_models import base_path
+    from controlkit.demo.models import base_path
     from controlkit.pipeline import generate, load_base
-    from training.data import PairedDataset, load_pairs, make_condition_fn
+    from training.data.dataset import PairedDataset, load_pairs, make_condition_fn
 
     base = load_base(args.base or base_path(), torch_dtype=torch.float32)
     condition_fn = make_condition_fn(args.preprocessor) if args.preprocessor else None

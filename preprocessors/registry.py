@@ -144,6 +144,15 @@ def get_preprocessor(name: str, **params: Any) -> Preprocessor:
     return cls.create(**params)
 
 
+def checkpoint_preprocessor(name: str, metadata: Any, overrides: dict[str, Any] | None = None) -> Any:
+    """The preprocessor a ControlNet's condition metadata names, with its stored parameters, else the registry
+    entry `name`; `overrides` go over those parameters. Raises the registry's ValueError for an unknown name or
+    parameter (each command words its own one-line error)."""
+    named = getattr(metadata, "preprocessor", None)
+    stored = dict(getattr(metadata, "preprocessor_params", None) or {}) if named else {}
+    return get_preprocessor(named or name, **{**stored, **(overrides or {})})
+
+
 def _constructor(cls: type[Preprocessor]) -> Any:
     """`create` when a class overrides it (learned models), else `__init__`."""
     return cls.create if "create" in vars(cls) else cls.__init__

@@ -11,7 +11,7 @@ import skimage.data
 from PIL import Image
 
 from controlkit.cli import main
-from training.data import load_pairs
+from training.data.dataset import load_pairs
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from controlkit.cli.showcase import run_condition
-from controlkit.demo_models import base_path, load_demo_base
+from controlkit.demo.showcase import run_condition
+from controlkit.demo.models import base_path, load_demo_base
 from training.config import load_config
-from training.toyworld_dataset import write_dataset
-from training.trainer import train
+from controlkit.demo.toyworld.dataset import write_dataset
+from training.engine.trainer import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "demo_canny.toml"
 #: Held-out scenes scored per measurement (each generated with and without the ControlNet).
@@ -56,7 +56,7 @@ def edge_f1(base, controlnet, metadata) -> tuple[float, float]:
 def test_a_fresh_canny_controlnet_learns_control_within_minutes(base, scenes, tmp_path):
     from controlkit.controlnet import ConditionMetadata, build_controlnet
 
-    from training.components import conditioning_stages
+    from training.engine.models import conditioning_stages
 
     fresh = build_controlnet(base.unet, conditioning_embedding_out_channels=conditioning_stages(base.vae))
     start_on, start_off = edge_f1(base, fresh, ConditionMetadata(condition="canny", preprocessor="canny"))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from controlkit.errors import ConfigError, ControlkitError
 from controlkit.image import load_image
-from training.data import PairedDataset, check_pair, collate_pairs, load_pairs, make_condition_fn
+from training.data.dataset import PairedDataset, check_pair, collate_pairs, load_pairs, make_condition_fn
 
 CANNY_RANDOM = {"low_threshold": (50, 150), "high_threshold": (150, 250)}
 

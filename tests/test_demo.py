@@ -9,7 +9,7 @@ import time
 import pytest
 
 from controlkit.cli import main
-from controlkit.demo_models import (
+from controlkit.demo.models import (
     DEMO_CONDITIONS, DEMO_DIR, base_path, controlnet_path, load_demo_base, load_demo_controlnet,
 )
 from controlkit.errors import ConfigError

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.demo_geometry import (
+from controlkit.demo.estimator import (
     CHANNELS, KEYPOINTS, GeometryAnnotator, _heatmap_peaks, build_estimator, estimator_loss, render_truth,
 )
 from training.metrics import keypoint_distance
-from training.toyworld import pose_json, render_figure
+from controlkit.demo.toyworld.world import pose_json, render_figure
 
 
 def test_heatmap_targets_peak_at_the_figures_keypoints():

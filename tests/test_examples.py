@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controlkit.demo_models import DEMO_CONDITIONS, base_path, controlnet_path
+from controlkit.demo.models import DEMO_CONDITIONS, base_path, controlnet_path
 from controlkit.image import load_image
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -73,7 +73,7 @@ def test_the_training_example_trains_on_circles_and_on_a_folder(tmp_path, capsys
 
     folder = tmp_path / "mine"  # a user's folder: images with captions, maps computed by a preprocessor
     (folder / "images").mkdir(parents=True)
-    from training.toyworld import render_scene
+    from controlkit.demo.toyworld.world import render_scene
 
     for index in range(8):
         scene = render_scene(index)

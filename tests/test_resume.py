@@ -15,8 +15,8 @@ import torch
 from train_helpers import load_tensors, make_world, overrides, tiny_config
 
 from controlkit.errors import CheckpointError, ConfigError
-from training import checkpointing
-from training.trainer import train
+from training.engine import checkpoints as checkpointing
+from training.engine.trainer import train
 
 TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
 
@@ -101,7 +101,7 @@ def test_resume_arguments_and_output_folder_are_checked(world, tmp_path):
 
 _SCRIPT = """
 import os, resource, signal, sys, time
-import training.checkpointing as checkpointing
+import training.engine.checkpoints as checkpointing
 from controlkit.cli import main
 
 mode, original = sys.argv[1], checkpointing._write_files
@@ -120,16 +120,16 @@ def write_files(accelerator, temp, objects, state):
 checkpointing._write_files = write_files
 
 if mode == "term":  # the signal a scheduler sends to preempt a job, arriving during step 2
-    import training.loop as loop
+    from training.engine.diffusion import DiffusionRecipe
 
-    step = loop.optimizer_step
+    step = DiffusionRecipe.step
 
-    def optimizer_step(run, index, micro_batches, state):
+    def optimizer_step(recipe, run, index, micro_batches, state):
         if index == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return step(run, index, micro_batches, state)
+        return step(recipe, run, index, micro_batches, state)
 
-    loop.optimizer_step = optimizer_step
+    DiffusionRecipe.step = optimizer_step
 sys.exit(main(["train", *sys.argv[2:]]))
 """
 

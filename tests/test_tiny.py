@@ -20,7 +20,7 @@ def test_every_listed_word_is_one_token(tokenizer):
 
 
 def test_toy_world_captions_read_one_token_per_word(tokenizer):
-    from training.toyworld import render_circles, render_figure, render_scene
+    from controlkit.demo.toyworld.world import render_circles, render_figure, render_scene
 
     for seed in range(60):
         for sample in (render_scene(seed), render_figure(seed), render_circles(seed)):

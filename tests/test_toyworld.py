@@ -1,11 +1,10 @@
 """The toy world: determinism, geometric consistency of image/depth/normals/masks, captions, keypoints, circles,
-condition-map conventions, the dataset writer, and throughput."""
+condition-map conventions and the dataset writer (throughput: tests/benchmarks/test_toyworld_speed.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-import time
 
 import cv2
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 
 from controlkit.errors import ConfigError
 from controlkit.tiny import DEFAULT_WORDS
-from training.toyworld import (
+from controlkit.demo.toyworld.world import (
     COLOURS,
     MIN_VISIBLE_FRACTION,
     depth_map,
@@ -24,9 +23,9 @@ from training.toyworld import (
     render_scene,
 )
 from preprocessors.openpose import BODY_PARTS
-from training.toyworld_figure import build_figure, figure_keypoints, sample_pose
-from training.toyworld_render import Backdrop, Camera, Lighting, render
-from training.toyworld_solids import Sphere
+from controlkit.demo.toyworld.figure import build_figure, figure_keypoints, sample_pose
+from controlkit.demo.toyworld.render import Backdrop, Camera, Lighting, render
+from controlkit.demo.toyworld.solids import Sphere
 
 SETTING = re.compile(r"^(.*) on an? (\w+) floor with an? (\w+) background$")
 K = {name: index for index, name in enumerate(BODY_PARTS)}
@@ -388,8 +387,8 @@ WRITTEN = [("scene", "depth"), ("scene", "normal"), ("scene", "none"), ("figure"
 def test_write_dataset_reads_back(tmp_path, kind, condition):
     from PIL import Image
 
-    from training.data_sources import load_pairs
-    from training.toyworld_dataset import write_dataset
+    from training.data.sources import load_pairs
+    from controlkit.demo.toyworld.dataset import write_dataset
 
     manifest = write_dataset(tmp_path / "toy", 5, kind=kind, condition=condition, size=64, seed=3)
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
@@ -418,7 +417,7 @@ def test_write_dataset_reads_back(tmp_path, kind, condition):
 
 
 def test_write_dataset_is_idempotent_and_resumes(tmp_path):
-    from training.toyworld_dataset import write_dataset
+    from controlkit.demo.toyworld.dataset import write_dataset
 
     folder = tmp_path / "toy"
     manifest = write_dataset(folder, 4, kind="scene", condition="depth")
@@ -439,7 +438,7 @@ def test_write_dataset_is_idempotent_and_resumes(tmp_path):
 
 
 def test_write_dataset_refuses_bad_settings(tmp_path):
-    from training.toyworld_dataset import write_dataset
+    from controlkit.demo.toyworld.dataset import write_dataset
 
     write_dataset(tmp_path / "toy", 1, kind="circles", condition="outline")
     with pytest.raises(ConfigError, match="other settings"):
@@ -452,20 +451,3 @@ def test_write_dataset_refuses_bad_settings(tmp_path):
     (tmp_path / "full" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not a toy dataset"):
         write_dataset(tmp_path / "full", 1)
-
-
-# -- speed --------------------------------------------------------------------------------------------------
-
-
-def test_throughput():
-    start = time.perf_counter()
-    for seed in range(200):
-        render_scene(seed)
-    scenes = time.perf_counter() - start
-    start = time.perf_counter()
-    for seed in range(50):
-        render_figure(seed)
-    figures = time.perf_counter() - start
-    print(f"\n200 scenes at 64x64: {scenes:.2f} s ({200 / scenes * 60:.0f}/min); "
-          f"50 figures: {figures:.2f} s ({50 / figures * 60:.0f}/min)")  # fmt: skip
-    assert scenes < 20 and figures < 20  # loose: thousands per minute even on a busy two-core machine

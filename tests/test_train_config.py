@@ -9,7 +9,7 @@ import pytest
 
 from controlkit.cli import main
 from controlkit.errors import ConfigError
-from training.checkpointing import config_drift
+from training.engine.checkpoints import config_drift
 from training.config import SCHEDULES, SECTIONS, TrainConfig, load_config, to_toml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"

@@ -10,9 +10,9 @@ import torch
 from train_helpers import RESOLUTION, load_tensors, make_world, tiny_config
 
 from controlkit.errors import ConfigError
-from training.loop import TrainingDiverged, run_loop
-from training.step import StepInputs, prediction_target, training_loss
-from training.trainer import Run, train
+from training.engine.loop import TrainingDiverged, run_loop
+from training.engine.step import StepInputs, prediction_target, training_loss
+from training.engine.trainer import build_run, train
 
 TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
 
@@ -32,14 +32,14 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[st
 
 def test_only_the_controlnet_trains_and_its_zero_convolutions_leave_zero(world, tmp_path):
     base, data = world
-    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.max_steps=3"))
-    parts = run.parts
+    run = build_run(tiny_config(base, data, tmp_path / "run", "train.max_steps=3"))
+    parts = run.recipe.parts
     frozen = {name: _weights(getattr(parts, name)) for name in ("unet", "vae", "text_encoder")}
     controlnet_before = _weights(parts.controlnet)
     zero_convs = [*parts.controlnet.controlnet_down_blocks, parts.controlnet.controlnet_mid_block]
     assert all(torch.count_nonzero(conv.weight) == 0 for conv in zero_convs)
 
-    state = run_loop(run, 0)
+    state = run_loop(run)
     assert state.step == 3 and all(math.isfinite(loss) for loss in state.losses)
     for name, before in frozen.items():
         assert not _changed(before, getattr(parts, name)), f"the frozen {name} changed"
@@ -50,7 +50,7 @@ def test_only_the_controlnet_trains_and_its_zero_convolutions_leave_zero(world, 
 
 def test_non_finite_losses_skip_the_update_and_stop_after_too_many_in_a_row(world, tmp_path):
     base, data = world
-    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.max_steps=4"))
+    run = build_run(tiny_config(base, data, tmp_path / "run", "train.max_steps=4"))
     poisoned_calls = {2}  # the U-Net's 3rd forward (step 3): its prediction becomes NaN
     calls = [0]
 
@@ -58,23 +58,23 @@ def test_non_finite_losses_skip_the_update_and_stop_after_too_many_in_a_row(worl
         calls[0] += 1
         return (output[0] * math.nan,) if calls[0] - 1 in poisoned_calls else output
 
-    run.parts.unet.register_forward_hook(poison)
+    run.recipe.parts.unet.register_forward_hook(poison)
     snapshots = {}
-    run.on_step = lambda step: snapshots.update({step: _weights(run.parts.controlnet)})
-    state = run_loop(run, 0)
+    run.on_step = lambda step: snapshots.update({step: _weights(run.recipe.parts.controlnet)})
+    state = run_loop(run)
     assert state.nonfinite_total == 1 and math.isnan(state.losses[2])
     assert all(math.isfinite(loss) for i, loss in enumerate(state.losses) if i != 2)
     assert all(torch.equal(snapshots[2][name], snapshots[3][name]) for name in snapshots[2])  # no update at step 3
-    assert _changed(snapshots[3], run.parts.controlnet)  # step 4 updates again
+    assert _changed(snapshots[3], run.recipe.parts.controlnet)  # step 4 updates again
     assert run.lr_scheduler.last_epoch == 3  # the schedule advanced for the 3 real updates only
 
     poisoned_calls.update(range(100))
     config = tiny_config(base, data, tmp_path / "diverging", "train.max_consecutive_nonfinite=2")
-    diverging = Run.create(config)
+    diverging = build_run(config)
     calls[0] = 0
-    diverging.parts.unet.register_forward_hook(poison)
+    diverging.recipe.parts.unet.register_forward_hook(poison)
     with pytest.raises(TrainingDiverged, match="2 non-finite losses in a row at step 2 .* weights are unchanged"):
-        run_loop(diverging, 0)
+        run_loop(diverging)
 
 
 def test_caching_on_and_off_follow_the_same_loss_trajectory(world, tmp_path):
@@ -123,20 +123,20 @@ def test_unlock_decoder_trains_the_decoder_and_only_mid_control_leaves_skip_outp
     from controlkit.pipeline import load_base
 
     base, data = world
-    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.max_steps=2", "model.unlock_decoder=true",
+    run = build_run(tiny_config(base, data, tmp_path / "run", "train.max_steps=2", "model.unlock_decoder=true",
                                  "model.only_mid_control=true"))
-    unet_before = _weights(run.parts.unet)
-    run_loop(run, 0)
-    changed = _changed(unet_before, run.parts.unet)
+    unet_before = _weights(run.recipe.parts.unet)
+    run_loop(run)
+    changed = _changed(unet_before, run.recipe.parts.unet)
     assert changed and all(name.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")) for name in changed)
     assert any(name.startswith("up_blocks.") for name in changed)
-    controlnet = run.parts.controlnet
+    controlnet = run.recipe.parts.controlnet
     assert all(torch.count_nonzero(conv.weight) == 0 for conv in controlnet.controlnet_down_blocks)
     assert torch.count_nonzero(controlnet.controlnet_mid_block.weight) > 0
-    run.save_output()
+    run.recipe.export(run)
     saved_unet = load_base(tmp_path / "run" / "base").unet
     for name in changed:
-        assert torch.equal(saved_unet.state_dict()[name], run.parts.unet.state_dict()[name])
+        assert torch.equal(saved_unet.state_dict()[name], run.recipe.parts.unet.state_dict()[name])
 
 
 def test_base_mode_trains_a_unet_from_scratch_and_lowers_the_loss(world, tmp_path):
@@ -146,29 +146,29 @@ def test_base_mode_trains_a_unet_from_scratch_and_lowers_the_loss(world, tmp_pat
     config = tiny_config(base, data, tmp_path / "run", "model.kind=base", "model.condition=", "train.max_steps=30",
                          "train.batch_size=4", "model.train_text_encoder=true", "optim.learning_rate=2e-3",
                          "model.prediction_type=v_prediction")
-    run = Run.create(config)
+    run = build_run(config)
     generator = torch.Generator().manual_seed(1)
     probe = [run.dataset[i] for i in range(8)]
     latents = torch.randn((8, 4, RESOLUTION // 2, RESOLUTION // 2), generator=generator)
 
     def probe_loss() -> float:
-        from training.features import encode_images, encode_prompts, sample_latents
+        from training.data.encodings import encode_images, encode_prompts, sample_latents
 
         with torch.no_grad():
-            moments = encode_images(run.parts.vae, torch.stack([item["pixel_values"] for item in probe]))
+            moments = encode_images(run.recipe.parts.vae, torch.stack([item["pixel_values"] for item in probe]))
             inputs = StepInputs(
-                sample_latents(run.parts.vae.config, moments, latents),
-                encode_prompts(run.parts.tokenizer, run.parts.text_encoder, [item["prompt"] for item in probe]),
+                sample_latents(run.recipe.parts.vae.config, moments, latents),
+                encode_prompts(run.recipe.parts.tokenizer, run.recipe.parts.text_encoder, [item["prompt"] for item in probe]),
                 None, torch.randn(latents.shape, generator=torch.Generator().manual_seed(2)),
                 torch.arange(50, 1000, 120), torch.ones(8),
             )
-            return float(training_loss(run.parts.unet, None, run.parts.noise_scheduler, inputs))
+            return float(training_loss(run.recipe.parts.unet, None, run.recipe.parts.noise_scheduler, inputs))
 
     before = probe_loss()
-    run_loop(run, 0)
+    run_loop(run)
     after = probe_loss()
     assert after < 0.7 * before, (before, after)
-    output = run.save_output()
+    output = run.recipe.export(run)
     trained = load_base(output)
     assert trained.scheduler.config.prediction_type == "v_prediction"
     image = generate(trained, "a red circle on a blue background", steps=2, seed=0, width=RESOLUTION,
@@ -182,7 +182,7 @@ def test_bad_pairs_are_left_out_when_caching_and_skipped_per_batch_without(world
     content = broken.read_bytes()
     try:
         broken.write_bytes(content[:40])  # a truncated PNG
-        cached = Run.create(tiny_config(base, data, tmp_path / "cached"))
+        cached = build_run(tiny_config(base, data, tmp_path / "cached"))
         assert len(cached.sampler.indices) == 15 and 3 not in cached.sampler.indices
         per_step = train(tiny_config(base, data, tmp_path / "per-step", "data.cache_encodings=false",
                                      "train.max_steps=8"))
@@ -217,32 +217,32 @@ def test_validation_generates_grids_through_the_pipeline_and_measures_controllab
     from PIL import Image
 
     base, data = world
-    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.max_steps=2", "validation.every_steps=2",
+    run = build_run(tiny_config(base, data, tmp_path / "run", "train.max_steps=2", "validation.every_steps=2",
                                  "validation.count=3", "validation.num_inference_steps=2"))
-    assert len(run.validator.prompts) == 3
-    state = run_loop(run, 0)
+    assert len(run.recipe.validator.prompts) == 3
+    state = run_loop(run)
     assert state.step == 2
     grid = Image.open(tmp_path / "run" / "validation" / "step-00000002.png")
     assert grid.size == (3 * RESOLUTION, 3 * RESOLUTION)  # condition | generated | target, one row per pair
-    values = run.validator.run(2, should_stop=lambda: False)
+    values = run.recipe.validator.run(2, should_stop=lambda: False)
     assert set(values) == {"validation/edge_f1"} and 0.0 <= values["validation/edge_f1"] <= 1.0
-    assert run.validator.run(3, should_stop=lambda: True) == {}  # a stop signal ends validation early
+    assert run.recipe.validator.run(3, should_stop=lambda: True) == {}  # a stop signal ends validation early
 
 
 def test_bf16_mixed_precision_keeps_trained_weights_in_float32(world, tmp_path):
-    from training.features import encode_images
+    from training.data.encodings import encode_images
 
     base, data = world
-    run = Run.create(tiny_config(base, data, tmp_path / "run", "train.mixed_precision=bf16", "train.max_steps=2",
+    run = build_run(tiny_config(base, data, tmp_path / "run", "train.mixed_precision=bf16", "train.max_steps=2",
                                  "validation.every_steps=2", "validation.count=1", "validation.num_inference_steps=2"))
-    assert {p.dtype for p in run.parts.unet.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in run.parts.controlnet.parameters()} == {torch.float32}
+    assert {p.dtype for p in run.recipe.parts.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.recipe.parts.controlnet.parameters()} == {torch.float32}
     item = run.dataset[5]
     with torch.no_grad():
-        encoded = encode_images(run.parts.vae, item["pixel_values"][None])
-    cached = run.encoder.latent_rows.rows([5])
+        encoded = encode_images(run.recipe.parts.vae, item["pixel_values"][None])
+    cached = run.recipe.encoder.latent_rows.rows([5])
     assert cached.dtype == torch.bfloat16 and torch.equal(cached, encoded)  # stored bit for bit
-    state = run_loop(run, 0)
+    state = run_loop(run)
     assert all(math.isfinite(loss) for loss in state.losses)
     assert (tmp_path / "run" / "validation" / "step-00000002.png").is_file()
-    assert {p.dtype for p in run.parts.controlnet.parameters()} == {torch.float32}
+    assert {p.dtype for p in run.recipe.parts.controlnet.parameters()} == {torch.float32}

@@ -39,7 +39,7 @@ def option(default: Any, doc: str) -> Any:
 @dataclass
 class ModelConfig:
     kind: str = option("controlnet", "'controlnet': a ControlNet on a frozen base; 'base': the base U-Net; "
-                       "'vae': the base's VAE (training/autoencoder.py)")
+                       "'vae': the base's VAE (training/engine/autoencoder.py)")
     base: str = option("", "base model: a diffusers folder, or its name in $CONTROLKIT_MODELS")
     controlnet: str = option("", "ControlNet to continue from (folder or file); empty: a copy of the U-Net encoder")
     condition: str = option("", "condition name stored in the checkpoint metadata, e.g. canny, depth, pose")

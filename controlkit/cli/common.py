@@ -45,14 +45,3 @@ def parse_named(items: Sequence[str] | None, option: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"{option} expects NAME=VALUE, got {item!r}")
         result[key.strip()] = value
     return result
-
-
-def checkpoint_preprocessor(name: str, metadata: Any, overrides: dict[str, Any] | None = None) -> Any:
-    """The preprocessor a ControlNet's condition metadata names, with its stored parameters, else the registry
-    entry `name`; `overrides` go over those parameters. Raises the registry's ValueError for an unknown name or
-    parameter (each command words its own one-line error)."""
-    from preprocessors.registry import get_preprocessor
-
-    named = getattr(metadata, "preprocessor", None)
-    stored = dict(getattr(metadata, "preprocessor_params", None) or {}) if named else {}
-    return get_preprocessor(named or name, **{**stored, **(overrides or {})})

@@ -89,7 +89,7 @@ def _add_column_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from training.data import load_pairs
+    from training.data.dataset import load_pairs
 
     _check_workers(args.workers)
     if args.preprocessor is not None:
@@ -129,7 +129,7 @@ def _check_all(pairs: list, computed: bool, workers: int, *, progress: bool) -> 
     """`check_pair` over every pair, in order, in `workers` processes."""
     from functools import partial
 
-    from training.data import check_pair
+    from training.data.dataset import check_pair
 
     check = partial(check_pair, conditions_computed=computed)
     if workers <= 1 or len(pairs) <= 1:

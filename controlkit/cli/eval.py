@@ -61,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from controlkit.control import Control
     from controlkit.pipeline import generate, load_base
-    from training.data import PairedDataset, load_pairs, make_condition_fn
+    from training.data.dataset import PairedDataset, load_pairs, make_condition_fn
     from training.metrics import controllability, metric_spec
 
     name, path = _one_controlnet(args.controlnet)

@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from controlkit.image import load_image
-    from controlkit.pipeline import generate, load_base
+    from controlkit.pipeline import generate, load_base, quiet_loading
 
     output = Path(args.output)
     if output.suffix.lower() != ".png":
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.init_image is not None:
         load_image(args.init_image)
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    _quiet_loading()
+    quiet_loading()
     started = time.perf_counter()
     base = load_base(args.base, torch_dtype=dtype, device=device, config=args.base_config)
     controls = [
@@ -131,17 +131,6 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
     return images, controlnets, options
 
 
-def _quiet_loading() -> None:
-    """No per-component progress bars while loading (the command prints one summary line instead), and no
-    transformers notices about optional image processors that Stable Diffusion's safety checker would use."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-
-
 def _weights(text: str) -> list[float]:
     return [float(item) for item in text.split(",")]
 
@@ -166,7 +155,7 @@ def _load_control(name: str, source: str, photo: Any, options: dict[str, Any], u
 
 def _preprocessor(name: str, metadata: Any) -> Any:
     """The preprocessor the checkpoint's metadata names (with its parameters), else the one called `name`."""
-    from controlkit.cli.common import checkpoint_preprocessor
+    from preprocessors.registry import checkpoint_preprocessor
 
     try:
         return checkpoint_preprocessor(name, metadata)

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(to_toml(config, with_docs=True), end="")
         return 0
-    from training.trainer import train
+    from training.engine.trainer import train
 
     result = train(config)
     if os.environ.get("RANK", "0") != "0":  # several processes: the first one reports

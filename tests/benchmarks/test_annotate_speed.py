@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlkit.samples import sample_photo
+from controlkit.demo.photos import sample_photo
 from preprocessors import PREPROCESSORS, get_preprocessor
 
 TARGETS = {"canny": 100.0, "pose": 5.0, "softedge": 1.0}

@@ -79,7 +79,7 @@ def test_encoding_cache_speeds_up_training(name, tmp_path):
 
 def _world(root: Path, size: str, resolution: int, pairs: int) -> tuple[Path, Path]:
     from controlkit.tiny import TinyConfig, build_components, save_components
-    from training.toyworld_dataset import write_dataset
+    from controlkit.demo.toyworld.dataset import write_dataset
 
     components = build_components(TinyConfig(vae_channels=(32, 64, 64, 64)), seed=0) if size == "tiny" else _sd15()
     base = save_components(components, root / "base")
@@ -132,13 +132,13 @@ def _worker(overrides: list[str]) -> None:
     import torch
 
     from training.config import load_config
-    from training.loop import run_loop
-    from training.trainer import Run
+    from training.engine.loop import run_loop
+    from training.engine.trainer import build_run
 
     torch.set_num_threads(1)
     config = load_config(None, overrides)
     started = time.perf_counter()
-    run = Run.create(config)
+    run = build_run(config)
     setup = time.perf_counter() - started
     device = run.accelerator.device
     marks: dict[int, float] = {}
@@ -151,7 +151,7 @@ def _worker(overrides: list[str]) -> None:
             _reset_peak(device)
 
     run.on_step = on_step
-    run_loop(run, 0)
+    run_loop(run)
     intervals = [marks[step] - marks[step - 1] for step in range(2, config.train.max_steps + 1)]
     print(json.dumps({
         "samples_per_second": run.layout.global_batch / statistics.median(intervals), "peak_gib": _peak(device),

@@ -15,11 +15,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from training.engine.run import ema_weights
+
 if TYPE_CHECKING:
     import numpy as np
 
     from training.config import TrainConfig
-    from training.trainer import Run
+    from training.engine.models import Components
+    from training.engine.run import Run
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +30,14 @@ logger = logging.getLogger(__name__)
 class Validator:
     """Fixed validation pairs (condition maps, prompts, targets as uint8 RGB at the training resolution)."""
 
-    def __init__(self, config: "TrainConfig", run: "Run"):
-        from training.data import PairedDataset, load_pairs, make_condition_fn
+    def __init__(self, config: "TrainConfig", run: "Run", parts: "Components"):
+        from training.data.dataset import PairedDataset, image_as_condition, load_pairs, make_condition_fn
 
         data, validation = config.data, config.validation
         pairs = load_pairs(validation.source or data.source, image_column=data.image_column,
                            conditioning_column=data.conditioning_column, caption_column=data.caption_column)
         condition_fn = make_condition_fn(data.preprocessor, data.preprocessor_params) if data.preprocessor else None
         if config.model.kind == "base":
-            from training.trainer import image_as_condition
-
             condition_fn = image_as_condition
         dataset = PairedDataset(pairs[: validation.count * 2], resolution=data.resolution, condition_fn=condition_fn,
                                 seed=config.train.seed)
@@ -44,7 +45,7 @@ class Validator:
         self.conditions = [_to_uint8(item["conditioning_pixel_values"], 0.0, 1.0) for item in items]
         self.targets = [_to_uint8(item["pixel_values"], -1.0, 1.0) for item in items]
         self.prompts = [item["prompt"] for item in items]
-        self.config, self.run_ref = config, run
+        self.config, self.run_ref, self.parts = config, run, parts
         self.folder = Path(config.train.output_dir) / "validation"
 
     def run(self, step: int, should_stop: Any) -> dict[str, float]:
@@ -96,29 +97,24 @@ class Validator:
         """The base and ControlNet to generate with: EMA weights when EMA is on, in eval mode. Generation runs every
         module in one dtype, so with mixed precision the trained modules (float32) take part as copies in the
         frozen modules' dtype; the trained weights themselves are not touched."""
-        from controlkit.pipeline import base_from_components
+        from controlkit.sd_pipelines import pipeline_from_components
 
-        run = self.run_ref
-        parts = run.parts
-        modules = list(parts.trained.values())
+        run, parts = self.run_ref, self.parts
+        modules = list(run.trained.values())
         was_training = [module.training for module in modules]
-        if run.ema is not None:
-            run.ema.store(run.parameters)
-            run.ema.copy_to(run.parameters)
-        try:
-            for module in modules:
-                module.eval()
-            dtype = parts.vae.dtype  # frozen in every mode
-            unet, text_encoder, controlnet = (_in_dtype(run.accelerator, module, dtype)
-                                              for module in (parts.unet, parts.text_encoder, parts.controlnet))
-            base = base_from_components({"unet": unet, "vae": parts.vae, "text_encoder": text_encoder,
-                                         "tokenizer": parts.tokenizer, "scheduler": parts.noise_scheduler})
-            yield base, controlnet
-        finally:
-            for module, training in zip(modules, was_training):
-                module.train(training)
-            if run.ema is not None:
-                run.ema.restore(run.parameters)
+        with ema_weights(run):
+            try:
+                for module in modules:
+                    module.eval()
+                dtype = parts.vae.dtype  # frozen in every mode
+                unet, text_encoder, controlnet = (_in_dtype(run.accelerator, module, dtype)
+                                                  for module in (parts.unet, parts.text_encoder, parts.controlnet))
+                base = pipeline_from_components({"unet": unet, "vae": parts.vae, "text_encoder": text_encoder,
+                                                 "tokenizer": parts.tokenizer, "scheduler": parts.noise_scheduler})
+                yield base, controlnet
+            finally:
+                for module, training in zip(modules, was_training):
+                    module.train(training)
 
     def _save(self, step: int, grid: "np.ndarray") -> None:
         from PIL import Image

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.toyworld_solids import Solid, dot, unit
+from controlkit.demo.toyworld.solids import Solid, dot, unit
 
 #: Shadow rays start this far (metres) off the surface they leave, so they do not hit it again.
 SHADOW_OFFSET = 1e-3

@@ -5,13 +5,13 @@
     controlnets/<condition>/  one ControlNet per condition (canny, lineart, softedge, pose, depth, normal), with
                               its condition metadata (the preprocessor and parameters its maps came from)
     geometry/                 the toy-world depth, normal and body-keypoint estimator that measures the depth,
-                              normal and pose ControlNets (training/demo_geometry.py)
+                              normal and pose ControlNets (controlkit/demo/estimator.py)
 
-They work at 64 x 64 pixels on toy-world images (training/toyworld.py); docs/demo.md says how they were trained
+They work at 64 x 64 pixels on toy-world images (controlkit/demo/toyworld/world.py); docs/demo.md says how they were trained
 and how to reproduce them. Example:
 
     >>> from controlkit.control import Control
-    >>> from controlkit.demo_models import load_demo_base, load_demo_controlnet
+    >>> from controlkit.demo.models import load_demo_base, load_demo_controlnet
     >>> from controlkit.pipeline import generate
     >>> base = load_demo_base()
     >>> controlnet, metadata = load_demo_controlnet("depth", unet=base.unet)
@@ -33,12 +33,12 @@ if TYPE_CHECKING:
     from controlkit.controlnet import ConditionMetadata
 
 #: The demo's folder inside the installed package.
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parent / "weights"
 #: The conditions with a demo ControlNet, in the order the demo shows them.
 DEMO_CONDITIONS = ("canny", "lineart", "softedge", "pose", "depth", "normal")
 #: The side of the demo's images in pixels.
 DEMO_SIZE = 64
-_REBUILD = "reinstall controlkit, or rebuild the demo models: python -m training.demo_recipe all (docs/demo.md)"
+_REBUILD = "reinstall controlkit, or rebuild the demo models: python -m controlkit.demo.recipe all (docs/demo.md)"
 
 
 def base_path() -> Path:

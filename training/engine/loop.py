@@ -15,16 +15,14 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ControlkitError
-from training.inputs import draw_step
-from training.sampler import epoch_ranges
-from training.step import training_loss
+from training.data.batching import epoch_ranges
+from training.engine.run import LoopState, log_metrics, make_loader, save_checkpoint
 
 if TYPE_CHECKING:
-    from training.trainer import Run
+    from training.engine.run import Run
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
@@ -62,75 +60,40 @@ class StopFlag:
         return int(_reduce_max(accelerator, float(self.signum)))
 
 
-@dataclass
-class LoopState:
-    step: int
-    nonfinite_in_a_row: int = 0
-    nonfinite_total: int = 0
-    overflow_skips: int = 0
-    skipped_pairs: int = 0
-    stopped_by: int = 0
-    recent_losses: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)  # per optimizer step of this session; NaN: skipped
-
-
-def run_loop(run: "Run", start_step: int) -> LoopState:
-    """Train from optimizer step `start_step` to `train.max_steps` (or until a stop signal)."""
-    config, accelerator = run.config, run.accelerator
+def run_loop(run: "Run") -> LoopState:
+    """Train from optimizer step `run.start_step` to `train.max_steps` (or until a stop signal): each step is the
+    recipe's (`run.recipe.step`); checkpoints, logging, stop signals and validation are the same for every run."""
+    config, accelerator, start_step = run.config, run.accelerator, run.start_step
     state = LoopState(step=start_step, **run.counters)
     progress = _progress_bar(run, start_step)
     window_start, window_steps = time.perf_counter(), 0
     with StopFlag() as stop:
         for epoch, first, last in epoch_ranges(run.sampler, start_step, config.train.max_steps):
-            micro_batches = iter(run.loader(epoch, first, last))
+            micro_batches = iter(make_loader(run, epoch, first, last))
             for step in range(first, last):
-                loss = run.optimizer_step(step, micro_batches, state)
+                loss = run.recipe.step(run, step, micro_batches, state)
                 state.step, window_steps = step + 1, window_steps + 1
                 state.losses.append(math.nan if loss is None else loss)
                 if loss is not None:
                     state.recent_losses.append(loss)
                 if state.step % config.logging.every_steps == 0 or state.step == config.train.max_steps:
                     rate = window_steps * run.layout.global_batch / (time.perf_counter() - window_start)
-                    run.log_metrics(state, rate, progress)
+                    log_metrics(run, state, rate, progress)
                     window_start, window_steps, state.recent_losses = time.perf_counter(), 0, []
                 progress.update(1)
                 if run.on_step is not None:
                     run.on_step(state.step)
                 state.stopped_by = stop.agreed(accelerator)
                 if state.stopped_by or _due(state.step, config.checkpoint.every_steps):
-                    run.save_checkpoint(state)
+                    save_checkpoint(run, state)
                 if state.stopped_by:
                     break
                 if _due(state.step, config.validation.every_steps):
-                    run.validate(state.step, should_stop=lambda: bool(stop.signum))
+                    run.recipe.validate(run, state.step, lambda: bool(stop.signum))
             if state.stopped_by:
                 break
     progress.close()
     return state
-
-
-def optimizer_step(run: "Run", step: int, micro_batches: Any, state: LoopState) -> float | None:
-    """Accumulate the micro-batches of one optimizer step and apply the update; returns the mean loss, or None
-    when the step was skipped."""
-    accelerator, layout = run.accelerator, run.layout
-    draws = draw_step(run.generator, layout.global_batch, run.encoder.latent_shape,
-                      run.parts.noise_scheduler.config.num_train_timesteps, run.config.data.proportion_empty_prompts)
-    positions = {index: position for position, index in enumerate(run.sampler.step_indices(step))}
-    losses, finite = [], True
-    for _ in range(layout.accumulation):
-        batch = next(micro_batches)
-        state.skipped_pairs += batch["skipped"]
-        with accelerator.accumulate(*run.forward_modules.values()):
-            if not finite:
-                continue  # consume the step's batches so the data position stays exact
-            inputs = run.encoder.inputs(batch, draws, positions)
-            controlnet = run.forward_modules.get("controlnet")
-            with accelerator.autocast():
-                loss = training_loss(run.unet_forward, controlnet, run.parts.noise_scheduler, inputs,
-                                     only_mid_control=run.config.model.only_mid_control,
-                                     unet_dtype=run.parts.unet.dtype)
-            finite = backward_if_finite(accelerator, loss, losses)
-    return finish_step(run, state, step, finite, losses)
 
 
 def backward_if_finite(accelerator: Any, loss: Any, losses: list) -> bool:

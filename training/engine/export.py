@@ -12,82 +12,68 @@ With EMA on and `ema.use_for_output`, the averaged weights are written. Only the
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from training.engine.run import ema_weights
+
 if TYPE_CHECKING:
-    from training.trainer import Run
+    from training.config import TrainConfig
+    from training.engine.models import Components
+    from training.engine.run import Run
 
 
-def save_output(run: "Run") -> Path:
+def save_output(run: "Run", parts: "Components") -> Path:
     """Write the final model (see the module docstring) and return its folder."""
     config, accelerator = run.config, run.accelerator
     output = Path(config.train.output_dir)
     folder = output / ("controlnet" if config.model.kind == "controlnet" else "model")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with _final_weights(run):
+        with ema_weights(run, when=config.ema.use_for_output):
             if config.model.kind == "controlnet":
-                _save_controlnet(run, folder)
+                _save_controlnet(config, parts, folder)
                 if config.model.unlock_decoder:
-                    _save_base(run, output / "base")
+                    _save_base(config, parts, output / "base")
             else:
-                _save_base(run, folder)
+                _save_base(config, parts, folder)
     accelerator.wait_for_everyone()
     return folder
 
 
-@contextlib.contextmanager
-def _final_weights(run: "Run"):
-    use_ema = run.ema is not None and run.config.ema.use_for_output
-    if use_ema:
-        run.ema.store(run.parameters)
-        run.ema.copy_to(run.parameters)
-    try:
-        yield
-    finally:
-        if use_ema:
-            run.ema.restore(run.parameters)
-
-
-def condition_metadata(run: "Run") -> Any:
+def condition_metadata(config: "TrainConfig", parts: "Components") -> Any:
     """ConditionMetadata of the trained ControlNet: its condition, the preprocessor (and fixed parameters) its
     maps came from, and the base family."""
     from controlkit.controlnet import ConditionMetadata, base_family
     from preprocessors.registry import PREPROCESSORS
 
-    config = run.config
     known = config.model.condition in PREPROCESSORS
     preprocessor = config.data.preprocessor or (config.model.condition if known else None)
     params = dict(config.data.preprocessor_params) if config.data.preprocessor else {}
     return ConditionMetadata(condition=config.model.condition, preprocessor=preprocessor, preprocessor_params=params,
-                             base=base_family(run.parts.unet.config))
+                             base=base_family(parts.unet.config))
 
 
-def _save_controlnet(run: "Run", folder: Path) -> None:
+def _save_controlnet(config: "TrainConfig", parts: "Components", folder: Path) -> None:
     from controlkit.checkpoint import save_controlnet
 
-    metadata = condition_metadata(run)
-    save_controlnet(run.parts.controlnet, folder, metadata)
-    if run.config.checkpoint.save_original:
-        output = Path(run.config.train.output_dir)
-        save_controlnet(run.parts.controlnet, output / f"{output.resolve().name}.safetensors", metadata, original=True)
+    metadata = condition_metadata(config, parts)
+    save_controlnet(parts.controlnet, folder, metadata)
+    if config.checkpoint.save_original:
+        output = Path(config.train.output_dir)
+        save_controlnet(parts.controlnet, output / f"{output.resolve().name}.safetensors", metadata, original=True)
 
 
-def _save_base(run: "Run", folder: Path) -> None:
+def _save_base(config: "TrainConfig", parts: "Components", folder: Path) -> None:
     """A diffusers folder: the base read from disk in float32, with the trained weights put in."""
-    from diffusers import StableDiffusionPipeline
-
     from controlkit.errors import CheckpointError
-    from training.checkpointing import trained_state
+    from controlkit.sd_pipelines import load_pipeline_folder
+    from training.engine.checkpoints import trained_state
 
-    config, parts = run.config, run.parts
-    options: dict[str, Any] = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    options: dict[str, Any] = {}
     if config.model.kind == "base":
         options["unet"] = parts.unet  # trained from scratch: the folder may hold only its config
-    pipeline = StableDiffusionPipeline.from_pretrained(parts.base_path, use_safetensors=True, local_files_only=True,
-                                                       **options)
+    pipeline = load_pipeline_folder(parts.base_path, **options)
     weights = trained_state(parts.trained)
     for name, module in (("unet", pipeline.unet), ("text_encoder", pipeline.text_encoder)):
         if name in parts.trained and module is not parts.trained[name]:

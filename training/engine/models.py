@@ -40,8 +40,10 @@ class Components:
     trained: dict[str, "torch.nn.Module"]
     base_path: Path
 
-    def trainable_parameters(self) -> list["torch.nn.Parameter"]:
-        return [p for module in self.trained.values() for p in module.parameters() if p.requires_grad]
+
+def trained_parameters(trained: dict[str, "torch.nn.Module"]) -> list["torch.nn.Parameter"]:
+    """The parameters the optimizer updates: those of the trained modules with requires_grad."""
+    return [p for module in trained.values() for p in module.parameters() if p.requires_grad]
 
 
 def resolve_base(base: str) -> Path:

@@ -16,7 +16,7 @@ depth, near is bright) and `normal_map` (the channel order the ControlNet 1.0 no
 are drawn from `ToyScene.keypoints` by the pose preprocessor's renderer. Caption words are all in
 `controlkit.tiny.DEFAULT_WORDS`, so the demo's tokenizer reads each as one token.
 
-    >>> from training.toyworld import render_scene, depth_map
+    >>> from controlkit.demo.toyworld.world import render_scene, depth_map
     >>> scene = render_scene(7, size=64)
     >>> scene.caption, scene.image.shape, depth_map(scene.depth).dtype
 """
@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from controlkit.errors import ConfigError
-from training.toyworld_figure import ACTIONS, build_figure, figure_keypoints, sample_pose
-from training.toyworld_render import Backdrop, Camera, Lighting, render
-from training.toyworld_solids import Box, Cone, Cylinder, Sphere
+from controlkit.demo.toyworld.figure import ACTIONS, build_figure, figure_keypoints, sample_pose
+from controlkit.demo.toyworld.render import Backdrop, Camera, Lighting, render
+from controlkit.demo.toyworld.solids import Box, Cone, Cylinder, Sphere
 
 #: Named colours (sRGB 0..255); the names are the caption words.
 COLOURS = {

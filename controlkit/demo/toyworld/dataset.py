@@ -1,4 +1,4 @@
-"""Write toy-world samples as a paired dataset folder that `training.data` reads.
+"""Write toy-world samples as a paired dataset folder that `training.data.dataset` reads.
 
 Layout of `directory` (sample i is rendered from the seed (seed, i), so it never depends on `n`)::
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from controlkit.errors import ConfigError
 from controlkit.files import atomic_path, write_bytes_atomic
-from training.toyworld import (
+from controlkit.demo.toyworld.world import (
     CircleSample,
     ToyScene,
     check_size,
@@ -71,7 +71,7 @@ def write_dataset(
         directory: the dataset folder (created if missing).
         n: number of samples (the manifest lists samples 0..n-1).
         kind: "scene", "figure", "figure_anywhere" (`render_figure(..., anywhere=True)`) or "circles" (see
-            `training.toyworld`).
+            `controlkit.demo.toyworld.world`).
         condition: the condition map to write; allowed per kind in `CONDITIONS`.
         size: side of the square images in pixels (a multiple of 8).
         seed: dataset seed; sample i uses the seed (seed, i).

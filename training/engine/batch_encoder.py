@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ControlkitError
-from training.features import (
+from training.data.encodings import (
     EncodingCache, content_key, encode_images, encode_prompts, folder_identity, latent_shape, sample_latents,
 )
-from training.step import StepInputs
+from training.engine.step import StepInputs
 
 if TYPE_CHECKING:
     import torch
 
-    from training.components import Components
+    from training.engine.models import Components
     from training.config import TrainConfig
 
 
@@ -47,7 +47,7 @@ def draw_step(generator: "torch.Generator", count: int, shape: tuple[int, ...], 
 
 
 class BatchEncoder:
-    """Turns collated batches into `StepInputs` with cached or per-step encodings (see training/features.py)."""
+    """Turns collated batches into `StepInputs` with cached or per-step encodings (see training/data/encodings.py)."""
 
     def __init__(self, config: "TrainConfig", parts: "Components", device: Any, text_encoder_forward: Any = None):
         self.config, self.parts, self.device = config, parts, device
@@ -119,7 +119,7 @@ class BatchEncoder:
     def _cache_latents(self, accelerator: Any, dataset: Any, cache_root: Any) -> list[int]:
         import torch
 
-        from training.data import collate_pairs
+        from training.data.dataset import collate_pairs
 
         vae = self.parts.vae
         pairs = [(pair.key, _identity(pair.image), _identity(pair.condition)) for pair in dataset.pairs]
@@ -177,6 +177,6 @@ class BatchEncoder:
 
 
 def _identity(reference: Any) -> Any:
-    from training.conditions import source_identity
+    from training.data.conditions import source_identity
 
     return None if reference is None else source_identity(reference)

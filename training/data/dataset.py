@@ -1,7 +1,7 @@
 """Paired training data: (target image, condition map, caption) -> tensors, with bad pairs skipped or fatal.
 
-    >>> from training.data import PairedDataset, collate_pairs, load_pairs, make_condition_fn
-    >>> pairs = load_pairs("fill50k/prompt.json")                      # formats: training/data_sources.py
+    >>> from training.data.dataset import PairedDataset, collate_pairs, load_pairs, make_condition_fn
+    >>> pairs = load_pairs("fill50k/prompt.json")                      # formats: training/data/sources.py
     >>> dataset = PairedDataset(pairs, resolution=512)
     >>> batch = collate_pairs([dataset[0], dataset[1]])
     >>> batch["pixel_values"].shape, batch["conditioning_pixel_values"].shape
@@ -11,7 +11,7 @@ Every image and condition goes through `controlkit.image.load_image` (one normal
 16-bit, alpha, corrupt files). Both get the same spatial transform, as diffusers' `train_controlnet.py`: the
 short side resized to `resolution`, then a centre crop (or one random crop, shared by the pair). Maps
 computed by a preprocessor are computed on the resized, uncropped image, i.e. at the resolution the model
-sees, as users annotate at generation size; see training/conditions.py for the cache and randomisation.
+sees, as users annotate at generation size; see training/data/conditions.py for the cache and randomisation.
 
 A bad pair (missing or corrupt file, a condition whose aspect ratio differs from the image's, an empty
 caption, no condition and no preprocessor) is skipped: `__getitem__` returns None, the pair is appended to
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ConfigError, ControlkitError
-from training.conditions import ConditionCache, make_condition_fn, source_identity
-from training.data_sources import DatasetCell, Pair, load_pairs
+from training.data.conditions import ConditionCache, make_condition_fn, source_identity
+from training.data.sources import DatasetCell, Pair, load_pairs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -171,6 +171,11 @@ class PairedDataset:
         if self.center_crop:
             return (height - self.resolution) // 2, (width - self.resolution) // 2
         return int(rng.integers(0, height - self.resolution + 1)), int(rng.integers(0, width - self.resolution + 1))
+
+
+def image_as_condition(image: Any, rng: Any) -> Any:
+    """The condition function of runs whose pairs need no map (the base model, the VAE): the image stands in."""
+    return image
 
 
 def load_training_pairs(data: DataConfig) -> list[Pair]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import CheckpointError
-from training.statefile import fsync_dir, fsync_file, read_state, write_state
+from training.engine.statefile import fsync_dir, fsync_file, read_state, write_state
 
 if TYPE_CHECKING:
     import torch

@@ -1,11 +1,11 @@
 """How the embedded demo's models are made, step by step (docs/demo.md lists the same commands).
 
-    python -m training.demo_recipe data               # toy-world datasets under runs/demo/data
-    python -m training.demo_recipe init               # the demo architecture with random weights: runs/demo/init
+    python -m controlkit.demo.recipe data               # toy-world datasets under runs/demo/data
+    python -m controlkit.demo.recipe init               # the demo architecture with random weights: runs/demo/init
     controlkit train training/configs/demo_vae.toml   # then demo_base.toml, demo_canny.toml ... demo_normal.toml
-    python -m training.demo_recipe geometry           # the depth/normal/pose estimator that measures those three
-    python -m training.demo_recipe pack               # runs/demo -> controlkit/demo (float16 safetensors)
-    python -m training.demo_recipe all                # every step above, in order
+    python -m controlkit.demo.recipe geometry           # the depth/normal/pose estimator that measures those three
+    python -m controlkit.demo.recipe pack               # runs/demo -> controlkit/demo (float16 safetensors)
+    python -m controlkit.demo.recipe all                # every step above, in order
 
 Every step is seeded; the trainings run with the shipped configs (training/configs/demo_*.toml), whose paths
 are relative to the repository root (run from there).
@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from controlkit.errors import ControlkitError
 
 DATA_ROOT = Path("runs/demo/data")
 RUNS_ROOT = Path("runs/demo")
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "controlkit" / "demo"
-CONFIGS = Path(__file__).resolve().parent / "configs"
+PACKAGE_ROOT = Path(__file__).resolve().parent / "weights"
+#: The shipped training configs (training/configs/demo_*.toml).
+CONFIGS = Path(importlib.util.find_spec("training").origin).parent / "configs"
 #: Folder under DATA_ROOT -> (toy-world kind, condition written, samples). Every folder uses seed 0, so the
 #: scene folders hold the same scenes with different condition maps.
 DATASETS = {
@@ -44,7 +46,7 @@ TRAININGS = ("vae", "base") + CONDITIONS
 
 def write_data(root: Path = DATA_ROOT) -> Path:
     """Render every dataset (resumable) and the base manifest; returns the manifest's path."""
-    from training.toyworld_dataset import write_dataset
+    from controlkit.demo.toyworld.dataset import write_dataset
 
     records = []
     for name, (kind, condition, count) in DATASETS.items():
@@ -70,7 +72,7 @@ def write_init(output: Path = RUNS_ROOT / "init") -> Path:
 def run_training(name: str) -> None:
     """`controlkit train training/configs/demo_<name>.toml`, in this process."""
     from training.config import load_config
-    from training.trainer import train
+    from training.engine.trainer import train
 
     start = time.perf_counter()
     result = train(load_config(CONFIGS / f"demo_{name}.toml"))
@@ -104,7 +106,7 @@ def pack(runs: Path = RUNS_ROOT, package: Path = PACKAGE_ROOT) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.demo_recipe", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m controlkit.demo.recipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=("data", "init", "geometry", "pack", "all", *TRAININGS),
                         help="the step to run (a training name runs training/configs/demo_<name>.toml)")
@@ -118,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if step in (name, "all"):
                 run_training(name)
         if step in ("geometry", "all"):
-            from training.demo_geometry import train_geometry
+            from controlkit.demo.estimator import train_geometry
 
             train_geometry()
         if step in ("pack", "all"):

@@ -6,11 +6,11 @@ no monocular depth or normal weights ship offline, and mediapipe's pose model, t
 the toy world's 64-pixel capsule figures in only about half of the clean renders. So the demo re-annotates its
 depth, normal and pose images with a network trained here on the renderer's exact ground truth: diffusers'
 `UNet2DModel`, used at the fixed timestep 0 as a plain convolutional encoder-decoder, maps a 64 x 64 RGB image in
-[-1, 1] to 22 channels: relative inverse depth in [0, 1] (min-max normalised, as `training.toyworld.depth_map`
+[-1, 1] to 22 channels: relative inverse depth in [0, 1] (min-max normalised, as `controlkit.demo.toyworld.world.depth_map`
 draws it), the camera-space unit normal, and one heatmap per OpenPose body keypoint (a spatial softmax whose peak
 is the keypoint). `GeometryAnnotator` turns its prediction into maps in the conventions of the ControlNets'
 inputs (`depth_map`, `normal_map`) and into OpenPose keypoints. Its own error on held-out renders, the floor of
-the three metrics, is written next to it (metrics.json) and reported by `python -m training.demo_recipe geometry`.
+the three metrics, is written next to it (metrics.json) and reported by `python -m controlkit.demo.recipe geometry`.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class GeometryAnnotator:
     def __call__(self, image: Any) -> np.ndarray:
         from controlkit.image import load_image
         from preprocessors.openpose import draw_openpose
-        from training.toyworld import normal_map
+        from controlkit.demo.toyworld.world import normal_map
 
         pixels = load_image(image)
         if self.kind == "pose":
@@ -144,7 +144,7 @@ def render_truth(kind: str, seeds: list[Any]) -> dict[str, np.ndarray]:
     """Training targets of `kind` renders: "images" (N, 64, 64, 3) uint8, "depth" (N, 64, 64) relative inverse
     depth, "normals" (N, 64, 64, 3), "heatmaps" (N, 18, 64, 64) Gaussians summing to 1 and "visible" (N, 18)
     0/1 (all 0 for scenes, which have no figure), float32."""
-    from training.toyworld import render_figure, render_scene
+    from controlkit.demo.toyworld.world import render_figure, render_scene
 
     render = render_scene if kind == "scene" else render_figure
     columns: dict[str, list[np.ndarray]] = {"images": [], "depth": [], "normals": [], "heatmaps": [], "visible": []}
@@ -221,7 +221,7 @@ def held_out_errors(model: Any, seed: int) -> dict[str, float]:
     """The estimator against the ground truth of new renders: mean depth RMSE, normal angle (scenes) and keypoint
     distance (figures)."""
     from training.metrics import angular_error, keypoint_distance, rmse
-    from training.toyworld import depth_map, normal_map, pose_json, render_figure, render_scene
+    from controlkit.demo.toyworld.world import depth_map, normal_map, pose_json, render_figure, render_scene
 
     scenes = [render_scene((seed, index), size=SIDE) for index in range(HELD_OUT)]
     figures = [render_figure((seed, index), size=SIDE) for index in range(HELD_OUT)]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from preprocessors.openpose import BODY_PARTS
-from training.toyworld_render import Camera
-from training.toyworld_solids import Capsule, Solid, Sphere, rotation_y, unit
+from controlkit.demo.toyworld.render import Camera
+from controlkit.demo.toyworld.solids import Capsule, Solid, Sphere, rotation_y, unit
 
 FACE_KEYPOINTS = ("nose", "right_eye", "left_eye", "right_ear", "left_ear")
 #: What each action is called in captions.
