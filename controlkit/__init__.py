@@ -1,8 +1,19 @@
 """controlkit: spatial control of Stable Diffusion with ControlNet.
 
-Importing this package is cheap and has no side effects: torch, diffusers and the preprocessor models are
-imported inside the functions that use them.
+    >>> import controlkit
+    >>> base = controlkit.load_base("models/sd15")
+    >>> canny = controlkit.Control.from_pretrained("models/cn-canny", image="photo.jpg",
+    ...                                           preprocessor=controlkit.get_preprocessor("canny"))
+    >>> controlkit.generate(base, "a red house", [canny], seed=1).images[0].save("house.png")
+
+Importing this package is cheap and has no side effects: the public names below are looked up in their modules
+the first time they are used, and torch, diffusers and the preprocessor models are imported only then.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import (
     CheckpointError,
@@ -14,9 +25,29 @@ from controlkit.errors import (
     WeightsNotFoundError,
 )
 
+if TYPE_CHECKING:
+    from controlkit.checkpoint import load_controlnet
+    from controlkit.control import Control
+    from controlkit.controlnet import new_controlnet
+    from controlkit.pipeline import generate, load_base
+    from preprocessors.registry import get_preprocessor
+    from training.engine.trainer import train
+
 __version__ = "0.1.0"
 
+#: Public name -> the module that defines it (imported on first use).
+PUBLIC_API = {
+    "load_base": "controlkit.pipeline",
+    "generate": "controlkit.pipeline",
+    "Control": "controlkit.control",
+    "load_controlnet": "controlkit.checkpoint",
+    "new_controlnet": "controlkit.controlnet",
+    "get_preprocessor": "preprocessors.registry",
+    "train": "training.engine.trainer",
+}
+
 __all__ = [
+    *PUBLIC_API,
     "CheckpointError",
     "ConfigError",
     "ControlkitError",
@@ -26,3 +57,15 @@ __all__ = [
     "WeightsNotFoundError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in PUBLIC_API:
+        raise AttributeError(f"module 'controlkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(PUBLIC_API[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(PUBLIC_API))

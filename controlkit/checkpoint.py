@@ -24,10 +24,11 @@ from controlkit.controlnet import (
     METADATA_KEY,
     ConditionMetadata,
     base_family,
+    check_fits,
     guess_metadata,
     infer_config,
 )
-from controlkit.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from controlkit.errors import CheckpointError, ConfigError, WeightsNotFoundError, preview
 from controlkit.files import atomic_path, write_bytes_atomic
 from controlkit.original_format import CONTROL_PREFIX, OriginalLayout, from_original, to_original
 from controlkit.safe_load import read_tensors
@@ -50,7 +51,6 @@ _FOLDER_WEIGHTS = (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "di
 #: Key prefixes of the Stable Diffusion model inside full checkpoints; never loaded as ControlNet weights.
 _SD_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.")
 #: ControlNet parts that are copies of the U-Net's (same names in both models).
-_ENCODER_PREFIXES = ("conv_in.", "time_embedding.", "class_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
 
 
 @dataclass
@@ -99,12 +99,15 @@ def load_controlnet(
     unet: UNet2DConditionModel | None = None,
     torch_dtype: torch.dtype | None = None,
 ) -> tuple[ControlNetModel, ConditionMetadata]:
-    """A ready `ControlNetModel` (eval mode, CPU) and its condition metadata from any supported format.
+    """A ready `ControlNetModel` (eval mode) and its condition metadata from any supported format.
+
+    With `unet`, the model is on the U-Net's device in its dtype (unless `torch_dtype` says otherwise): ready for
+    `controlkit.pipeline.generate`, which never moves a ControlNet itself. Without, it is on the CPU.
 
     Args:
         source: a diffusers folder, a .safetensors/.pth/.ckpt file, or a hub id 'org/name'.
-        unet: the U-Net it will run with. The ControlNet must fit its encoder (same shapes), and for files without
-            a config, the attention settings are taken from it.
+        unet: the U-Net it will run with. The ControlNet must fit its encoder (same shapes), for files without
+            a config the attention settings are taken from it, and its device (unless "meta") is the model's.
         torch_dtype: dtype of the returned model; default: the U-Net's dtype if given, else the stored dtype.
 
     Raises:
@@ -115,13 +118,21 @@ def load_controlnet(
     """
     read = read_checkpoint(source)
     if unet is not None:
-        check_fits_unet(read, unet)
+        check_fits(read.state_dict, read.config, unet, name=f"{read.path}: checkpoint")
         if not read.config_stored:
             read = replace(read, config=_config_from_unet(unet, read.config))
     dtype = torch_dtype or (unet.dtype if unet is not None else None)
-    if dtype is not None:  # cast the tensors, not the model: ModelMixin.to warns about fp32-pinned modules
-        read.state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read.state_dict.items()}
+    device = unet.device if unet is not None and unet.device.type != "meta" else None  # a meta U-Net: shapes only
+    # place the tensors, not the model: ModelMixin.to warns about fp32-pinned modules
+    read.state_dict = {key: _placed(value, device, dtype) for key, value in read.state_dict.items()}
     return _instantiate(read), read.metadata
+
+
+def _placed(tensor: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` on `device` (None: where it is), in `dtype` if it is floating point (None: as stored); itself when
+    nothing changes."""
+    floating = dtype is not None and tensor.is_floating_point()
+    return tensor.to(device=device or tensor.device, dtype=dtype if floating else tensor.dtype)
 
 
 def read_checkpoint(source: str | os.PathLike) -> ReadCheckpoint:
@@ -210,7 +221,7 @@ def _with_metadata(path: Path, kind: str, state_dict: dict, config: dict, config
     return ReadCheckpoint(path, kind, state_dict, config, config_stored, guessed, source)
 
 
-def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a ControlNetModel with this config, built on the meta device (no memory)."""
     model = _empty_model(config)
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
@@ -229,14 +240,14 @@ def _empty_model(config: dict[str, Any]) -> ControlNetModel:
 
 def _check_against_config(read: ReadCheckpoint) -> None:
     """Key count, names and every tensor's shape against the model the config describes."""
-    expected = _expected_shapes(read.config)
+    expected = expected_shapes(read.config)
     found = read.state_dict
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{read.path}: {len(found)} tensors do not match the {len(expected)} of this ControlNet config: "
-            f"{len(missing)} missing ({_first(missing)}), {len(unexpected)} unexpected ({_first(unexpected)})"
+            f"{len(missing)} missing ({preview(missing)}), {len(unexpected)} unexpected ({preview(unexpected)})"
         )
     wrong = [key for key in expected if tuple(found[key].shape) != expected[key]]
     if wrong:
@@ -256,27 +267,13 @@ def _check_finite(read: ReadCheckpoint) -> None:
 
     bad = [key for key, value in read.state_dict.items() if value.is_floating_point() and not finite(value)]
     if bad:
-        raise CheckpointError(f"{read.path}: {len(bad)} tensors hold NaN or Inf values ({_first(bad)}); "
+        raise CheckpointError(f"{read.path}: {len(bad)} tensors hold NaN or Inf values ({preview(bad)}); "
                               "the checkpoint is damaged")
-
-
-def check_fits_unet(read: ReadCheckpoint, unet: UNet2DConditionModel) -> None:
-    """The ControlNet's copy of the encoder must have the U-Net's encoder shapes, key for key."""
-    ours = {k: tuple(v.shape) for k, v in read.state_dict.items() if k.startswith(_ENCODER_PREFIXES)}
-    theirs = {k: tuple(v.shape) for k, v in unet.state_dict().items() if k.startswith(_ENCODER_PREFIXES)}
-    differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
-    if differing:
-        key = differing[0]
-        raise CheckpointError(
-            f"{read.path}: checkpoint is for a different base: the ControlNet is {base_family(read.config)}, "
-            f"the U-Net is {base_family(unet.config)}; {len(differing)} encoder tensors differ, first {key}: "
-            f"{ours.get(key, 'absent')} in the ControlNet, {theirs.get(key, 'absent')} in the U-Net"
-        )
 
 
 def empty_base_unet(base: str | os.PathLike) -> UNet2DConditionModel:
     """The U-Net of a diffusers pipeline folder (its unet/) or U-Net folder, built from its config.json on the meta
-    device: shapes for `check_fits_unet` without reading any weights."""
+    device: shapes for `controlkit.controlnet.check_fits` without reading any weights."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
@@ -368,7 +365,7 @@ def inspect_checkpoint(source: str | os.PathLike, *, unet: UNet2DConditionModel 
     the fit to `unet` when one is given, e.g. from `empty_base_unet`)."""
     read = read_checkpoint(source)
     if unet is not None:
-        check_fits_unet(read, unet)
+        check_fits(read.state_dict, read.config, unet, name=f"{read.path}: checkpoint")
     dtypes = sorted({str(value.dtype).replace("torch.", "") for value in read.state_dict.values()})
     return CheckpointInfo(
         path=read.path,
@@ -393,9 +390,3 @@ def _json(text: str | bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CheckpointError(f"{what} is not a JSON object")
     return value
-
-
-def _first(keys: list[str], count: int = 3) -> str:
-    if not keys:
-        return "none"
-    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")

@@ -28,6 +28,13 @@ CONFIG_METADATA_KEY = "_controlkit"
 #: Map polarities: line/edge maps given to the released checkpoints are white lines on black (anchors B.1).
 POLARITIES = ("white_on_black", "black_on_white")
 
+#: Channels of the conditioning encoder's stages for SD's x8 VAE (diffusers' default, the original hint block);
+#: smaller VAEs (the tiny and demo models) use the first 1 + log2(factor) of them.
+CONDITIONING_STAGES = (16, 32, 96, 256)
+
+#: The parts of a ControlNet copied from its U-Net: a ControlNet fits a base when these have its U-Net's shapes.
+ENCODER_PREFIXES = ("conv_in.", "time_embedding.", "class_embedding.", "add_embedding.", "down_blocks.", "mid_block.")
+
 #: Base families by the width of the text encoder the U-Net cross-attends to.
 _FAMILY_BY_CROSS_ATTENTION = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
@@ -36,7 +43,7 @@ def build_controlnet(
     unet: UNet2DConditionModel,
     *,
     conditioning_channels: int = 3,
-    conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
+    conditioning_embedding_out_channels: Sequence[int] = CONDITIONING_STAGES,
 ) -> ControlNetModel:
     """A new ControlNet for `unet` (SD1.x, SD2.x, SDXL or any `UNet2DConditionModel`).
 
@@ -58,6 +65,58 @@ def build_controlnet(
         conditioning_channels=conditioning_channels,
         conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
     )
+
+
+def conditioning_stages(vae: Any) -> tuple[int, ...]:
+    """Channels of a new ControlNet's conditioning encoder for a base with this VAE: it must bring condition maps
+    down by the VAE's factor, one stride-2 stage per halving (SD's x8 VAE: all of `CONDITIONING_STAGES`)."""
+    halvings = len(vae.config.block_out_channels) - 1
+    return CONDITIONING_STAGES[: halvings + 1]
+
+
+def new_controlnet(base: Any, *, conditioning_channels: int = 3, seed: int | None = None) -> ControlNetModel:
+    """A fresh ControlNet for a loaded base (`controlkit.load_base`): `build_controlnet` of its U-Net with the
+    conditioning encoder its VAE needs, in the U-Net's dtype and on its device. It leaves every image of the base
+    exactly unchanged until trained.
+
+    Args:
+        conditioning_channels: channels of the condition map (3 for RGB maps).
+        seed: seeds the conditioning encoder's random initialisation (the only random part); None: torch's
+            global generator as it stands.
+    """
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    controlnet = build_controlnet(base.unet, conditioning_channels=conditioning_channels,
+                                  conditioning_embedding_out_channels=conditioning_stages(base.vae))
+    return controlnet.to(device=base.unet.device, dtype=base.unet.dtype)
+
+
+def check_fits(controlnet_state: Mapping[str, Any], controlnet_config: Mapping[str, Any], unet: Any,
+               name: str = "the ControlNet") -> None:
+    """The one test of "does this ControlNet fit this base": its copy of the encoder must have the U-Net's
+    encoder shapes, key for key (its residuals then have the shapes of the U-Net's skip connections).
+
+    Args:
+        controlnet_state: the ControlNet's tensors by key (a state dict, or anything with `.shape` values).
+        controlnet_config: its config (names its base family in the message).
+        unet: the base's U-Net (meta-device weights are fine: only shapes are read).
+
+    Raises:
+        CheckpointError: "{name} is for a different base: ...", naming the first differing tensor.
+    """
+    ours = {k: tuple(v.shape) for k, v in controlnet_state.items() if k.startswith(ENCODER_PREFIXES)}
+    theirs = {k: tuple(v.shape) for k, v in unet.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+    differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differing:
+        key = differing[0]
+        raise CheckpointError(
+            f"{name} is for a different base: the ControlNet is {base_family(controlnet_config)}, the U-Net is "
+            f"{base_family(unet.config)}; {len(differing)} encoder tensors differ, first {key}: "
+            f"{ours.get(key, 'absent')} in the ControlNet, {theirs.get(key, 'absent')} in the U-Net; use a "
+            "ControlNet trained for this base (an SD1.x ControlNet needs an SD1.x base)"
+        )
 
 
 def base_family(config: Mapping[str, Any]) -> str:

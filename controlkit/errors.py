@@ -34,3 +34,16 @@ class ConfigError(ControlkitError, ValueError):
 
 class MissingDependencyError(ControlkitError, ImportError):
     """An optional package that a feature needs is not installed; the message gives the install command."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error message (its class name when it has none), for a one-line report."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def preview(items: list[str], count: int = 3) -> str:
+    """The first `count` items, comma-separated, then how many more there are ('none' for no item)."""
+    if not items:
+        return "none"
+    return ", ".join(items[:count]) + (f", ... ({len(items) - count} more)" if len(items) > count else "")

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from controlkit.errors import CheckpointError
+from controlkit.controlnet import CONDITIONING_STAGES
+from controlkit.errors import CheckpointError, preview
 
 #: Prefix of the ControlNet's keys inside a ControlLDM checkpoint (and in the files A1111 and ComfyUI load).
 CONTROL_PREFIX = "control_model."
@@ -65,7 +66,7 @@ class OriginalLayout:
             label = "add_embedding"
         elif config.get("class_embed_type"):
             label = "class_embedding"
-        embedding_channels = config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+        embedding_channels = config.get("conditioning_embedding_out_channels") or CONDITIONING_STAGES
         return cls(
             levels=len(config["block_out_channels"]),
             layers_per_block=int(config["layers_per_block"]),
@@ -156,7 +157,7 @@ def _translate(keys: Iterable[str], pairs: list[tuple[str, str, bool, bool]], so
             unknown.append(key)
     if unknown:
         raise CheckpointError(
-            f"{len(unknown)} {source} keys have no counterpart in the other format: {_first(unknown)}"
+            f"{len(unknown)} {source} keys have no counterpart in the other format: {preview(unknown, 5)}"
         )
     return result
 
@@ -191,8 +192,3 @@ def from_original(state_dict: Mapping[str, Any], layout: OriginalLayout | None =
 
 def _strip(key: str) -> str:
     return key[len(CONTROL_PREFIX):] if key.startswith(CONTROL_PREFIX) else key
-
-
-def _first(keys: list[str], count: int = 5) -> str:
-    shown = ", ".join(keys[:count])
-    return shown + (f", ... ({len(keys) - count} more)" if len(keys) > count else "")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controlkit.errors import CheckpointError, UnsafeCheckpointError
+from controlkit.errors import CheckpointError, UnsafeCheckpointError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -192,9 +192,9 @@ def _read_pickle(path: Path, kind: str, keep: Callable[[str], bool]) -> RawCheck
                     f"{path} was refused: unpickling it would need {', '.join(needed)}, which is outside the "
                     "weights-only allowlist (nothing from it was run); use a .safetensors version of the checkpoint"
                 ) from None
-            raise CheckpointError(f"{path} is corrupt or truncated ({size} bytes): {_first_line(error)}") from None
+            raise CheckpointError(f"{path} is corrupt or truncated ({size} bytes): {first_line(error)}") from None
         except (EOFError, RuntimeError, OSError, ValueError, struct.error) as error:
-            raise CheckpointError(f"{path} is corrupt or truncated ({size} bytes): {_first_line(error)}") from None
+            raise CheckpointError(f"{path} is corrupt or truncated ({size} bytes): {first_line(error)}") from None
     tensors, skipped = _tensors_of(loaded, keep)
     return RawCheckpoint(path, kind, tensors, {}, skipped)
 
@@ -256,9 +256,6 @@ def _tensors_of(loaded: Any, keep: Callable[[str], bool]) -> tuple[dict[str, Any
     return tensors, skipped
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class _Inert:

@@ -8,6 +8,6 @@ The table of entries is `PREPROCESSORS` (see `preprocessors/registry.py`); every
 """
 
 from preprocessors.base import Preprocessor
-from preprocessors.registry import PREPROCESSORS, PreprocessorSpec, available, get_preprocessor, get_spec
+from preprocessors.registry import PREPROCESSORS, PreprocessorSpec, get_preprocessor, get_spec
 
-__all__ = ["PREPROCESSORS", "Preprocessor", "PreprocessorSpec", "available", "get_preprocessor", "get_spec"]
+__all__ = ["PREPROCESSORS", "Preprocessor", "PreprocessorSpec", "get_preprocessor", "get_spec"]

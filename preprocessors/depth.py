@@ -191,13 +191,13 @@ class DepthPreprocessor(Preprocessor):
 
         height, width = image.shape[:2]
         with torch.inference_mode():
-            predicted = self.model(pixel_values=self._pixel_values(image)).predicted_depth
+            predicted = self.model(pixel_values=self.pixel_values_of(image)).predicted_depth
         depth = predicted.reshape(predicted.shape[-2:]).float().cpu().numpy()
         if depth.shape != (height, width):
             depth = cv2.resize(depth, (width, height), interpolation=cv2.INTER_LINEAR)
         return depth
 
-    def _pixel_values(self, image: np.ndarray) -> torch.Tensor:
+    def pixel_values_of(self, image: np.ndarray) -> torch.Tensor:
         """(1, 3, h, w) normalised input at the size the network takes (`_network_input_size`)."""
         import cv2
         import torch

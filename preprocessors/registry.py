@@ -50,7 +50,7 @@ class PreprocessorSpec:
             if parameter.kind is inspect.Parameter.KEYWORD_ONLY
         }
 
-    def readiness(self) -> str | None:
+    def check_ready(self) -> str | None:
         """None when it runs here with defaults; else what to supply or install."""
         try:
             cls = self.load_class()
@@ -102,11 +102,6 @@ PREPROCESSORS: dict[str, PreprocessorSpec] = {
 }
 
 
-def available() -> list[str]:
-    """Registry keys, sorted."""
-    return sorted(PREPROCESSORS)
-
-
 def get_spec(name: str) -> PreprocessorSpec:
     """The registry record for `name`; an unknown name gets an error listing the valid ones."""
     try:
@@ -114,7 +109,7 @@ def get_spec(name: str) -> PreprocessorSpec:
     except KeyError:
         close = difflib.get_close_matches(name, PREPROCESSORS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"Unknown preprocessor '{name}'. Available: {', '.join(available())}.{hint}") from None
+        raise ValueError(f"Unknown preprocessor '{name}'. Available: {', '.join(sorted(PREPROCESSORS))}.{hint}") from None
 
 
 def get_preprocessor(name: str, **params: Any) -> Preprocessor:

@@ -46,7 +46,7 @@ def test_missing_controlnet_aux_is_one_clear_error(tmp_path):
         get_preprocessor("aux", detector="canny")
     message = AuxPreprocessor.check_ready()
     assert "controlnet_aux" in message and "CUDA" in message
-    assert PREPROCESSORS["aux"].readiness() == message
+    assert PREPROCESSORS["aux"].check_ready() == message
 
 
 def _canny_like_detector(image: np.ndarray, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:

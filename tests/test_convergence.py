@@ -54,11 +54,9 @@ def edge_f1(base, controlnet, metadata) -> tuple[float, float]:
 
 
 def test_a_fresh_canny_controlnet_learns_control_within_minutes(base, scenes, tmp_path):
-    from controlkit.controlnet import ConditionMetadata, build_controlnet
+    from controlkit.controlnet import ConditionMetadata, new_controlnet
 
-    from training.engine.models import conditioning_stages
-
-    fresh = build_controlnet(base.unet, conditioning_embedding_out_channels=conditioning_stages(base.vae))
+    fresh = new_controlnet(base)
     start_on, start_off = edge_f1(base, fresh, ConditionMetadata(condition="canny", preprocessor="canny"))
     assert start_on == pytest.approx(start_off, abs=1e-6)  # zero convolutions: an untrained ControlNet is the base
 

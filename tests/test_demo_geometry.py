@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from controlkit.demo.estimator import (
-    CHANNELS, KEYPOINTS, GeometryAnnotator, _heatmap_peaks, build_estimator, estimator_loss, render_truth,
+    CHANNELS, KEYPOINTS, GeometryAnnotator, heatmap_peaks, build_estimator, estimator_loss, render_truth,
 )
 from training.metrics import keypoint_distance
 from controlkit.demo.toyworld.world import pose_json, render_figure
@@ -33,7 +33,7 @@ def test_keypoints_are_read_out_with_sub_pixel_precision():
     for channel, (x, y) in enumerate([(10.3, 40.0), (63.0, 0.0)]):  # the second on a corner: clamped window
         logits[0, channel] = -((grid[None, :] - x) ** 2 + (grid[:, None] - y) ** 2) / 2.0
     logits[0, 0, 5, 5] = -0.5  # a weaker second peak elsewhere does not pull the read-out
-    peaks = _heatmap_peaks(logits)[0]
+    peaks = heatmap_peaks(logits)[0]
     assert peaks[0, 0] == pytest.approx(10.3, abs=0.15) and peaks[0, 1] == pytest.approx(40.0, abs=0.01)
     assert peaks[1].tolist() == pytest.approx([63.0, 0.0], abs=0.5)
 
@@ -42,7 +42,7 @@ def test_a_perfect_heatmap_prediction_scores_its_figure_exactly():
     figure = render_figure((5, 1))
     truth = render_truth("figure", [(5, 1)])
     logits = torch.from_numpy(np.log(truth["heatmaps"] + 1e-30))
-    points = _heatmap_peaks(logits)[0].numpy()
+    points = heatmap_peaks(logits)[0].numpy()
     pose = pose_json(figure)
     pose["people"][0]["pose_keypoints_2d"] = np.concatenate([points, np.ones((KEYPOINTS, 1))], 1).ravel().tolist()
     distance, found = keypoint_distance(pose, pose_json(figure))

@@ -111,7 +111,7 @@ def test_depth_anything_non_square_with_its_processor_normalisation():
 def test_dpt_hybrid_runs_at_its_fixed_input_size():
     model = _tiny_dpt_hybrid()
     depth = DepthPreprocessor(model, detect_resolution=128)
-    assert depth._pixel_values(_photo(128, 192)).shape == (1, 3, 64, 64)  # transformers' hybrid takes no other
+    assert depth.pixel_values_of(_photo(128, 192)).shape == (1, 3, 64, 64)  # transformers' hybrid takes no other
     at_detect = depth.detect(_photo())
     assert at_detect.shape == (128, 192) and (at_detect.min(), at_detect.max()) == (0, 255)
     assert np.asarray(depth(_photo())).shape == (100, 150, 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from controlkit.checkpoint import _expected_shapes, save_controlnet
+from controlkit.checkpoint import expected_shapes, save_controlnet
 from controlkit.controlnet import ConditionMetadata, build_controlnet, infer_config
 from controlkit.errors import CheckpointError
 from controlkit.original_format import (
@@ -98,7 +98,7 @@ def test_layout_from_original_keys_equals_layout_from_config(family):
 def test_config_inferred_from_weights_rebuilds_the_same_model(family):
     state_dict, config = _meta_state_dict(FAMILIES[family])
     inferred = infer_config(state_dict)
-    assert _expected_shapes(inferred) == {key: tuple(value.shape) for key, value in state_dict.items()}
+    assert expected_shapes(inferred) == {key: tuple(value.shape) for key, value in state_dict.items()}
     for name in ("cross_attention_dim", "use_linear_projection", "addition_embed_type", "layers_per_block"):
         assert inferred.get(name) == config.get(name), name
     heads = config["attention_head_dim"]

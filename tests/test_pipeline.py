@@ -191,13 +191,16 @@ def test_load_base_reads_a_diffusers_folder(components, saved_base):
     assert run(loaded).shape == (1, 64, 64, 3)
 
 
-def test_load_base_with_dtype_runs_in_that_dtype_and_moves_the_controlnet(components, saved_base):
+def test_load_base_with_dtype_runs_in_that_dtype_and_never_converts_the_controlnet(components, saved_base):
     loaded = load_base(saved_base, torch_dtype=torch.bfloat16)
     fresh = build_controlnet(components["unet"], conditioning_embedding_out_channels=(16, 32))
     assert loaded.unet.dtype == loaded.vae.dtype == torch.bfloat16 and fresh.dtype == torch.float32
-    result = generate(loaded, PROMPT, [Control(edge_map(), fresh)], steps=2, seed=1, output_type="np")
-    assert fresh.dtype == torch.bfloat16 and result.settings["dtype"] == "bfloat16"
-    assert np.isfinite(result.images).all()
+    with pytest.raises(ConfigError, match="is float32 on cpu but the base is bfloat16 on cpu; load it with"):
+        generate(loaded, PROMPT, [Control(edge_map(), fresh)], steps=2, seed=1, output_type="np")
+    assert fresh.dtype == torch.float32
+    result = generate(loaded, PROMPT, [Control(edge_map(), fresh.to(torch.bfloat16))], steps=2, seed=1,
+                      output_type="np")
+    assert result.settings["dtype"] == "bfloat16" and np.isfinite(result.images).all()
 
 
 def test_load_base_errors_name_the_input_and_the_fix(tmp_path, saved_base):
@@ -231,7 +234,7 @@ def test_single_file_without_a_config_says_what_to_pass(tmp_path):
 def test_controlnet_for_another_base_is_refused(base):
     other_unet = build_components(TinyConfig(block_out_channels=(16, 32), vae_channels=(16, 32)))["unet"]
     foreign = build_controlnet(other_unet, conditioning_embedding_out_channels=(16, 32))
-    with pytest.raises(CheckpointError, match=r"control 1 does not fit the base model \(block_out_channels"):
+    with pytest.raises(CheckpointError, match=r"control 1 is for a different base: .* encoder tensors differ"):
         run(base, [Control(edge_map(), foreign)])
 
 

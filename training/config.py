@@ -217,12 +217,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return TrainConfig(**sections)
 
 
-def config_from_dict(values: dict[str, dict[str, Any]]) -> TrainConfig:
-    """A validated config from the `{section: {key: value}}` shape (a checkpoint's saved config)."""
-    overrides = [f"{key}={_toml_value(value)}" for key, value in _flatten(values).items()]
-    return load_config(None, overrides)
-
-
 def _assign(
     values: dict[str, dict[str, Any]], dotted: str, value: Any, problems: list[str], raw_text: str | None = None
 ) -> None:

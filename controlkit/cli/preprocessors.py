@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from preprocessors.registry import PREPROCESSORS
 
     for name, spec in sorted(PREPROCESSORS.items()):
-        missing = spec.readiness()
+        missing = spec.check_ready()
         status = "ready" if missing is None else f"needs: {missing}"
         print(f"{name:10s} {status}")
         print(f"{'':10s} {spec.summary}")

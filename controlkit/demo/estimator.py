@@ -63,7 +63,7 @@ def predict(model: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
         output = model(pixels, 0).sample.float()
     depth = output[:, 0].clamp(0, 1)
     normals = torch.nn.functional.normalize(output[:, 1:4], dim=1).permute(0, 2, 3, 1)
-    keypoints = _heatmap_peaks(output[:, 4:]) * torch.tensor([width / SIDE, height / SIDE])
+    keypoints = heatmap_peaks(output[:, 4:]) * torch.tensor([width / SIDE, height / SIDE])
     depth, normals = depth.cpu().numpy(), normals.cpu().numpy()
     if (height, width) != (SIDE, SIDE):
         depth = np.stack([cv2.resize(d, (width, height), interpolation=cv2.INTER_LINEAR) for d in depth])
@@ -71,7 +71,7 @@ def predict(model: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return depth, normals, keypoints.numpy().astype(np.float32)
 
 
-def _heatmap_peaks(logits: Any) -> Any:
+def heatmap_peaks(logits: Any) -> Any:
     """(N, K, S, S) heatmap logits -> (N, K, 2) x, y: the softmax-weighted mean over the 3 x 3 pixels around each
     map's highest logit (sub-pixel, and robust to a second, weaker peak elsewhere)."""
     import torch

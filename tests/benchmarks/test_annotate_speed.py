@@ -46,8 +46,8 @@ def _peer(name: str):
 
 @pytest.mark.parametrize("name", sorted(PREPROCESSORS))
 def test_images_per_second_at_512(name):
-    if PREPROCESSORS[name].readiness() is not None:
-        pytest.skip(f"{name}: {PREPROCESSORS[name].readiness()}")
+    if PREPROCESSORS[name].check_ready() is not None:
+        pytest.skip(f"{name}: {PREPROCESSORS[name].check_ready()}")
     photos = _distinct_photos()
     ours = _rate(get_preprocessor(name), photos)
     peer = _peer(name)
@@ -64,8 +64,8 @@ def test_images_per_second_at_512(name):
 def test_folder_with_two_workers(name, tmp_path):
     from preprocessors.batch import annotate_paths
 
-    if PREPROCESSORS[name].readiness() is not None:
-        pytest.skip(f"{name}: {PREPROCESSORS[name].readiness()}")
+    if PREPROCESSORS[name].check_ready() is not None:
+        pytest.skip(f"{name}: {PREPROCESSORS[name].check_ready()}")
     photo = sample_photo("astronaut")
     count = {"canny": 1200, "pose": 240, "softedge": 24}[name]  # enough that worker start-up is amortised
     inputs = tmp_path / "in"

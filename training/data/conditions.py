@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +25,6 @@ from controlkit.files import write_bytes_atomic
 
 if TYPE_CHECKING:
     import numpy as np
-
-ConditionFn = Callable[["np.ndarray", "np.random.Generator"], "np.ndarray"]
 
 #: Preprocessor instances kept per condition function; a randomised function builds one per distinct draw.
 _MAX_BUILT = 32
@@ -75,10 +73,10 @@ class PreprocessorCondition:
         import numpy as np
 
         params = self.draw(rng)
-        condition = self._preprocessor(params)(image)
+        condition = self.preprocessor_for(params)(image)
         return np.asarray(condition, dtype=np.uint8)
 
-    def _preprocessor(self, params: dict[str, Any]) -> Any:
+    def preprocessor_for(self, params: dict[str, Any]) -> Any:
         from preprocessors.registry import get_preprocessor
 
         key = json.dumps(params, sort_keys=True, default=str)
@@ -141,7 +139,7 @@ def make_condition_fn(
     import numpy as np
 
     try:  # build once with a draw, so bad values and missing weights fail now, not in a DataLoader worker
-        function._preprocessor(function.draw(np.random.default_rng(0)))
+        function.preprocessor_for(function.draw(np.random.default_rng(0)))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"preprocessor '{preprocessor}': {error}") from None
     return function

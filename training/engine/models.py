@@ -19,9 +19,6 @@ if TYPE_CHECKING:
 
     from training.config import TrainConfig
 
-#: Channels of the conditioning encoder's stages for SD's x8 VAE (diffusers' default, the original hint block);
-#: smaller VAEs (the tiny and demo models) use the first 1 + log2(factor) of them.
-CONDITIONING_STAGES = (16, 32, 96, 256)
 #: U-Net parts trained with `model.unlock_decoder` (the original `sd_locked=False`: output_blocks and out).
 DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
 
@@ -96,18 +93,11 @@ def load_components(config: "TrainConfig", device: Any, weight_dtype: "torch.dty
     return Components(unet, vae, text_encoder, tokenizer, noise_scheduler, controlnet, trained, base)
 
 
-def conditioning_stages(vae: Any) -> tuple[int, ...]:
-    """Channels of a new ControlNet's conditioning encoder for a base with this VAE: it must bring condition maps
-    down by the VAE's factor, one stride-2 stage per halving (SD's x8 VAE: all of `CONDITIONING_STAGES`)."""
-    halvings = len(vae.config.block_out_channels) - 1
-    return CONDITIONING_STAGES[: halvings + 1]
-
-
 def _controlnet(config: "TrainConfig", unet: Any, vae: Any) -> Any:
     import torch
 
     from controlkit.checkpoint import load_controlnet
-    from controlkit.controlnet import build_controlnet
+    from controlkit.controlnet import build_controlnet, conditioning_stages
 
     if config.model.controlnet:
         controlnet, _ = load_controlnet(config.model.controlnet, unet=unet, torch_dtype=torch.float32)

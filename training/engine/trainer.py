@@ -1,8 +1,7 @@
 """Train a ControlNet (or the demo's base U-Net or VAE) from a `TrainConfig`: `train(config) -> TrainResult`.
 
-    >>> from training.config import load_config
-    >>> from training.engine.trainer import train
-    >>> result = train(load_config("training/configs/canny_sd15.toml", ["data.source=fill50k/prompt.json"]))
+    >>> import controlkit
+    >>> result = controlkit.train("training/configs/canny_sd15.toml", ["data.source=fill50k/prompt.json"])
     >>> result.output                                   # OUTPUT/controlnet: use with controlkit generate
 
 The run is built by `create_run` (training/engine/run.py): an accelerate `Accelerator` (mixed precision, gradient
@@ -21,18 +20,17 @@ training/engine/checkpoints.py. Output, in `train.output_dir`:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from controlkit.errors import ConfigError
+from training.config import TrainConfig, load_config
 from training.engine.autoencoder import AutoencoderRecipe
 from training.engine.diffusion import DiffusionRecipe
 from training.engine.loop import run_loop
 from training.engine.run import Recipe, Run, create_run, save_checkpoint
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
 
 #: `model.kind` -> the recipe of that kind of run.
 RECIPES: dict[str, type[Recipe]] = {"controlnet": DiffusionRecipe, "base": DiffusionRecipe, "vae": AutoencoderRecipe}
@@ -53,12 +51,24 @@ class TrainResult:
     losses: list[float]
 
 
-def train(config: "TrainConfig", *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+def train(
+    config: "TrainConfig | str | os.PathLike", overrides: Sequence[str] = (), *,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
     """Run a training job to `train.max_steps` (resuming per `checkpoint.resume`); see the module docstring.
 
     Args:
+        config: a loaded `TrainConfig`, or the path of a TOML config file (`training.config.load_config`).
+        overrides: `section.key=value` items over the file's values (only with a path).
         on_step: called on the main thread after every optimizer step with the number of steps done.
+
+    Raises:
+        ConfigError: a bad config key or value (every problem in one message), before anything is loaded.
     """
+    if not isinstance(config, TrainConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise ConfigError("`overrides` go with a config file path; set the fields of a loaded TrainConfig instead")
     run = build_run(config)
     run.on_step = on_step
     try:
@@ -72,6 +82,6 @@ def train(config: "TrainConfig", *, on_step: Callable[[int], None] | None = None
         run.accelerator.end_training()
 
 
-def build_run(config: "TrainConfig") -> Run:
+def build_run(config: TrainConfig) -> Run:
     """The run of `config` with the recipe of its `model.kind`, built and resumed, before its first step."""
     return create_run(config, RECIPES[config.model.kind]())
