@@ -13,7 +13,7 @@ the first time they are used, and torch, diffusers and the preprocessor models a
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controlkit.errors import (
     CheckpointError,
@@ -24,14 +24,6 @@ from controlkit.errors import (
     UnsafeCheckpointError,
     WeightsNotFoundError,
 )
-
-if TYPE_CHECKING:
-    from controlkit.checkpoint import load_controlnet
-    from controlkit.control import Control
-    from controlkit.controlnet import new_controlnet
-    from controlkit.pipeline import generate, load_base
-    from preprocessors.registry import get_preprocessor
-    from training.engine.trainer import train
 
 __version__ = "0.1.0"
 

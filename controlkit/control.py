@@ -15,20 +15,21 @@ Explicit `layer_weights` replace the mode's per-layer profile. ControlNets with 
 keep flat scales and act on the conditional side only, as in the reference demos and diffusers.
 
 Speed (own code, each piece tested against diffusers): the conditioning encoder runs once per generation, not
-once per step; a ControlNet outside its start/end window or with all scales 0 is not run at all.
+once per step (the rest of the ControlNet runs in `controlkit.controlnet_forward`, which only reads the model, so
+one ControlNet can serve several generations at once); a ControlNet outside its start/end window or with all
+scales 0 is not run at all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from controlkit.errors import CheckpointError, ConfigError
+from controlkit.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +43,6 @@ RESIZE_MODES = ("resize", "crop", "fill")
 #: (lllyasviel/ControlNet gradio apps) uses 0.825: for SD1.x's 13 outputs the first gets 0.825 ** 12 = 0.099,
 #: just under a tenth (0.826 ** 12 is just over), as diffusers' logspace(-1, 0, 13) starts at exactly 0.1.
 SOFT_DECAY = 0.825
-#: U-Net config keys that must agree for a ControlNet's residuals to fit the U-Net's skip connections.
-_MATCHING_CONFIG_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim")
 
 
 @dataclass
@@ -111,10 +110,13 @@ class Control:
         """Load a ControlNet (a diffusers folder or file, or an original-format checkpoint) with its metadata.
 
         Example:
-            >>> control = Control.from_pretrained("controlnet-canny/", "edges.png", scale=0.8, mode="prompt")
+            >>> control = Control.from_pretrained("controlnet-canny/", "edges.png", unet=base.unet, scale=0.8,
+            ...                                   mode="prompt")
 
-        `options` are the other fields of `Control`; `conditional_only` defaults to what the checkpoint's
-        condition metadata says.
+        With `unet` (the base's U-Net) the ControlNet is checked against it and loaded on its device in its dtype,
+        as `controlkit.pipeline.generate` requires; without, it stays on the CPU in the stored dtype. `options`
+        are the other fields of `Control`; `conditional_only` defaults to what the checkpoint's condition
+        metadata says.
         """
         from controlkit.checkpoint import load_controlnet
 
@@ -152,18 +154,22 @@ def num_control_layers(controlnet: ControlNetModel) -> int:
     return len(controlnet.controlnet_down_blocks) + 1
 
 
-def check_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, name: str = "ControlNet") -> None:
-    """Raise CheckpointError when the ControlNet was made for another base (residual shapes would not fit)."""
-    mismatches = [
-        f"{key} {controlnet.config.get(key)!r} vs {unet.config.get(key)!r}"
-        for key in _MATCHING_CONFIG_KEYS
-        if _normalised(controlnet.config.get(key)) != _normalised(unet.config.get(key))
-    ]
-    if mismatches:
-        raise CheckpointError(
-            f"{name} does not fit the base model ({'; '.join(mismatches)}); use a ControlNet trained for this "
-            "base (an SD1.x ControlNet needs an SD1.x base)"
-        )
+def check_placement(
+    module: ControlNetModel, device: torch.device, dtype: torch.dtype, name: str = "ControlNet"
+) -> None:
+    """Raise ConfigError unless `module` is on the base's `device` in its `dtype`.
+
+    Generation does not move or convert it: that would change the caller's object behind their back (and
+    under any other thread using it), and a converted copy per call would cost its size in memory each time.
+    """
+    if module.device == device and module.dtype == dtype:
+        return
+    dtype_name = str(dtype).replace("torch.", "")
+    raise ConfigError(
+        f"{name} is {str(module.dtype).replace('torch.', '')} on {module.device} but the base is {dtype_name} on "
+        f"{device}; load it with Control.from_pretrained(..., unet=base.unet) or load_controlnet(..., "
+        f"unet=base.unet), or call controlnet.to('{device}', torch.{dtype_name}) before generating"
+    )
 
 
 def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") -> np.ndarray:
@@ -224,35 +230,19 @@ def prepare_control(control: Control, condition: np.ndarray, device: Any, dtype:
 
     The encoder (Zhang et al. 2302.05543: "a tiny network ... to encode an image-space condition to a
     feature space conditioning vector") does not depend on the step, so computing it per step repeats work.
+    The ControlNet's weights must already be on `device` in `dtype`; the model is only read.
     """
     import torch
 
     controlnet = control.controlnet
+    order = controlnet.config.controlnet_conditioning_channel_order
+    if order not in ("rgb", "bgr"):
+        raise ConfigError(f"unknown `controlnet_conditioning_channel_order` {order!r}; expected 'rgb' or 'bgr'")
     pixels = condition_tensor(condition).to(device=device, dtype=dtype)
-    if controlnet.config.controlnet_conditioning_channel_order == "bgr":
+    if order == "bgr":  # as diffusers' forward does to `controlnet_cond`, before the encoder
         pixels = torch.flip(pixels, dims=[1])
     embedding = controlnet.controlnet_cond_embedding(pixels)
-    if controlnet.config.controlnet_conditioning_channel_order == "bgr":
-        # The ControlNet flips its `controlnet_cond` input once more; flipping here cancels that.
-        embedding = torch.flip(embedding, dims=[1])
     return PreparedControl(control, embedding, control.layer_scales())
-
-
-@contextlib.contextmanager
-def _encoder_bypassed(controlnet: ControlNetModel) -> Iterator[None]:
-    """During one call, the conditioning encoder is the identity, so `controlnet_cond` can be its output.
-
-    The swap lasts for the call only; a ControlNet must not run in two generations at the same time.
-    """
-    import torch
-
-    model = getattr(controlnet, "_orig_mod", controlnet)  # torch.compile wrapper
-    encoder = model.controlnet_cond_embedding
-    model.controlnet_cond_embedding = torch.nn.Identity()
-    try:
-        yield
-    finally:
-        model.controlnet_cond_embedding = encoder
 
 
 def control_residuals(
@@ -279,6 +269,8 @@ def control_residuals(
     """
     import torch
 
+    from controlkit.controlnet_forward import controlnet_residuals
+
     total: list[torch.Tensor] | None = None
     for prepared in controls:
         control = prepared.control
@@ -287,15 +279,9 @@ def control_residuals(
         half = guided and control.conditional_side_only
         sample = model_input.chunk(2)[1] if half else model_input
         text = text_embeds.chunk(2)[1] if half else text_embeds
-        uniform = len(set(prepared.scales)) == 1
-        with _encoder_bypassed(control.controlnet):
-            down, mid = control.controlnet(
-                sample, timestep, encoder_hidden_states=text, controlnet_cond=prepared.embedding,
-                conditioning_scale=prepared.scales[0] if uniform else 1.0, return_dict=False,
-            )
+        down, mid = controlnet_residuals(control.controlnet, sample, timestep, text, prepared.embedding,
+                                         prepared.scales)
         outputs = [*down, mid]
-        if not uniform:
-            outputs = [r if s == 1.0 else r * s for r, s in zip(outputs, prepared.scales)]
         if half:  # the unconditional half gets no control: zeros, as in diffusers' guess mode
             outputs = [torch.cat([torch.zeros_like(r), r]) for r in outputs]
         total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
@@ -306,7 +292,3 @@ def control_residuals(
 
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _normalised(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, tuple)) else value

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def controlnet_residuals(
     controlnet: ControlNetModel,
     sample: torch.Tensor,
-    timestep: torch.Tensor | float | int,
+    timestep: torch.Tensor | float,
     encoder_hidden_states: torch.Tensor,
     embedding: torch.Tensor,
     scales: Sequence[float],

@@ -9,7 +9,7 @@ Example:
     >>> from controlkit.control import Control
     >>> from controlkit.pipeline import generate, load_base
     >>> base = load_base("models/sd15")                                   # a diffusers folder
-    >>> edges = Control.from_pretrained("models/controlnet-canny", "edges.png")
+    >>> edges = Control.from_pretrained("models/controlnet-canny", "edges.png", unet=base.unet)  # base's dtype
     >>> result = generate(base, "a red house", [edges], steps=20, seed=1)
     >>> result.images[0].save("house.png")
 """
@@ -19,15 +19,22 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlkit.control import (
-    Control, PreparedControl, check_fits, check_placement, condition_tensor, fit_image, prepare_control,
+    Control,
+    PreparedControl,
+    check_placement,
+    condition_tensor,
+    fit_image,
+    prepare_control,
 )
-from controlkit.errors import CheckpointError, ConfigError, ControlkitError, WeightsNotFoundError
+from controlkit.controlnet import check_fits
+from controlkit.errors import CheckpointError, ConfigError, ControlkitError, WeightsNotFoundError, first_line
+from controlkit.sd_pipelines import BASE_COMPONENTS, PIPELINE_OPTIONS, load_pipeline_folder, pipeline_from_components
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,7 +42,6 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 #: The base model's parts that generation uses.
-BASE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 #: Output sides must be multiples of this (SD's VAE downsamples by 8).
 SIZE_MULTIPLE = 8
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -72,14 +78,6 @@ def quiet_loading() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def base_from_components(components: Mapping[str, Any]) -> StableDiffusionPipeline:
-    """A base pipeline from ready modules: unet, vae, text_encoder, tokenizer, scheduler (as `controlkit.tiny`)."""
-    from diffusers import StableDiffusionPipeline
-
-    parts = {name: components[name] for name in BASE_COMPONENTS}
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 def load_base(
     source: str | os.PathLike,
     *,
@@ -106,8 +104,7 @@ def load_base(
     from controlkit.weights import looks_like_hub_id
 
     path = Path(source).expanduser()
-    options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
-               **_dtype_option(torch_dtype)}
+    options = {**PIPELINE_OPTIONS, **_dtype_option(torch_dtype)}
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
@@ -115,9 +112,7 @@ def load_base(
                     f"base model {source}: not a diffusers folder (no model_index.json); pass a folder written by "
                     "save_pretrained, or a single .safetensors checkpoint"
                 )
-            base = StableDiffusionPipeline.from_pretrained(
-                path, use_safetensors=True, local_files_only=True, **options
-            )
+            base = load_pipeline_folder(path, **_dtype_option(torch_dtype))
         elif path.is_file():
             base = _load_single_file(path, config, options)
         elif looks_like_hub_id(str(source)):
@@ -129,10 +124,10 @@ def load_base(
     except ControlkitError:
         raise
     except OSError as error:
-        raise WeightsNotFoundError(f"base model {source}: weights missing ({_first_line(error)})") from None
+        raise WeightsNotFoundError(f"base model {source}: weights missing ({first_line(error)})") from None
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(
-            f"base model {source}: not a loadable Stable Diffusion base ({_first_line(error)})"
+            f"base model {source}: not a loadable Stable Diffusion base ({first_line(error)})"
         ) from None
     return base.to(device) if device is not None else base
 
@@ -170,7 +165,7 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, options: dic
             ) from None
         raise error
     except SingleFileComponentError as error:  # a checkpoint without the text encoder, VAE or U-Net
-        raise CheckpointError(f"base model {path}: {_first_line(error)}") from None
+        raise CheckpointError(f"base model {path}: {first_line(error)}") from None
 
 
 def generate(
@@ -195,7 +190,7 @@ def generate(
     """Generate images from a prompt with zero or more controls, on the base's device and dtype.
 
     Args:
-        base: the frozen base (`load_base`, `base_from_components`, or any diffusers SD pipeline).
+        base: the frozen base (`load_base`, `controlkit.sd_pipelines.pipeline_from_components`, or any diffusers SD pipeline).
         prompt: the text prompt.
         controls: `Control`s; their residuals are summed. Each ControlNet must be on the base's device and dtype
             (`Control.from_pretrained(..., unet=base.unet)` loads it so); it is never moved or converted here.
@@ -230,7 +225,8 @@ def generate(
     size = _output_size(width, height, maps[0] if maps else init, unet.config.sample_size * base.vae_scale_factor)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    pipe = _step_pipeline(parts, make_scheduler(scheduler, parts["scheduler"].config), img2img=init is not None)
+    pipe = pipeline_from_components({**parts, "scheduler": make_scheduler(scheduler, parts["scheduler"].config)},
+                                    img2img=init is not None)  # this call's own scheduler over the shared modules
     guided = guidance_scale > 1.0
     with torch.no_grad():
         with _PROMPT_LOCK:
@@ -306,19 +302,6 @@ def _round_side(pixels: int) -> int:
     return max(SIZE_MULTIPLE, int(round(pixels / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
 
 
-def _step_pipeline(parts: dict[str, Any], scheduler: Any, *, img2img: bool) -> Any:
-    """A diffusers pipeline over the shared components with this generation's own scheduler (cheap: no copies).
-
-    Only its helpers are used (encode_prompt, prepare_latents, get_timesteps, prepare_extra_step_kwargs,
-    image_processor); the shared modules are not modified.
-    """
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
-    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    return cls(**{**parts, "scheduler": scheduler}, safety_checker=None, feature_extractor=None,
-               requires_safety_checker=False)
-
-
 def _start(
     pipe: Any, init: np.ndarray | None, size: tuple[int, int], resize_mode: str, steps: int, strength: float,
     num_images: int, text_embeds: torch.Tensor, generator: torch.Generator,
@@ -348,7 +331,7 @@ def _prepare(
     if not any(control.layer_scales()):
         return None  # scale 0: the control is not run at all
     controlnet = control.controlnet
-    check_fits(controlnet, unet, name=f"the ControlNet of control {index + 1}")
+    check_fits(controlnet.state_dict(), controlnet.config, unet, name=f"the ControlNet of control {index + 1}")
     check_placement(controlnet, device, dtype, name=f"the ControlNet of control {index + 1}")
     prepared = prepare_control(control, condition, device, dtype)
     latent_size = (condition.shape[0] // vae_factor, condition.shape[1] // vae_factor)
@@ -377,8 +360,3 @@ def _decode(pipe: Any, latents: torch.Tensor, output_type: str, generator: torch
             f"the VAE produced NaN/inf pixels in {decoded.dtype}; decode in float32 (an fp16 VAE overflows)"
         )
     return pipe.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=[True] * len(decoded))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

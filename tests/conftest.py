@@ -43,6 +43,6 @@ def components():
 @pytest.fixture(scope="module")
 def base(components):
     """A diffusers StableDiffusionPipeline over the tiny components."""
-    from controlkit.pipeline import base_from_components
+    from controlkit.sd_pipelines import pipeline_from_components
 
-    return base_from_components(components)
+    return pipeline_from_components(components)

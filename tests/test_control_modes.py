@@ -114,6 +114,12 @@ class CallCounter:
         self.handle.remove()
 
 
+def controlnet_runs(controlnet):
+    """Counts the runs of a ControlNet: its input convolution sees the latents once per run (controlkit runs the
+    ControlNet's sub-modules from a precomputed condition embedding, not the module's own forward)."""
+    return CallCounter(controlnet.conv_in)
+
+
 def with_scaled_zero_convs(controlnet, weights):
     """A copy whose zero convolutions are multiplied by per-layer weights: the residuals scale exactly so."""
     scaled = copy.deepcopy(controlnet)
@@ -153,14 +159,14 @@ def test_fresh_controlnet_gives_exactly_the_base_image(components, base, scale):
 
 
 def test_scale_zero_gives_base_image_and_never_runs(components, base, controlnet):
-    with CallCounter(controlnet) as calls:
+    with controlnet_runs(controlnet) as calls:
         result = ours(base, [Control(shapes_map(0), controlnet, scale=0.0)])
     np.testing.assert_array_equal(result, base_images(components))
     assert calls.batches == []
 
 
 def test_window_excluding_every_step_gives_base_image_and_never_runs(components, base, controlnet):
-    with CallCounter(controlnet) as calls:
+    with controlnet_runs(controlnet) as calls:
         result = ours(base, [Control(shapes_map(0), controlnet, start=0.9, end=1.0)])
     np.testing.assert_array_equal(result, base_images(components))
     assert calls.batches == []
@@ -171,14 +177,14 @@ def test_window_equals_diffusers_and_runs_only_inside_it(components, base, contr
     expected = diffusers_controlnet_images(
         components, controlnet, Image.fromarray(image), control_guidance_start=0.25, control_guidance_end=0.75
     )
-    with CallCounter(controlnet) as calls:
+    with controlnet_runs(controlnet) as calls:
         result = ours(base, [Control(image, controlnet, start=0.25, end=0.75)])
     np.testing.assert_allclose(result, expected, atol=1e-5, rtol=0)
     assert calls.batches == [2, 2]  # steps 1 and 2 of 4, both guidance halves in one batch
 
 
 def test_condition_embedding_runs_once_per_generation(base, controlnet):
-    with CallCounter(controlnet.controlnet_cond_embedding) as encoder, CallCounter(controlnet) as net:
+    with CallCounter(controlnet.controlnet_cond_embedding) as encoder, controlnet_runs(controlnet) as net:
         ours(base, [Control(shapes_map(0), controlnet)])
     assert encoder.batches == [1]
     assert net.batches == [2] * STEPS
@@ -193,11 +199,11 @@ def test_control_mode_equals_diffusers_guess_mode_with_its_layer_weights(compone
 
 
 def test_control_mode_runs_the_controlnet_on_the_conditional_half_only(base, controlnet):
-    with CallCounter(controlnet) as calls:
+    with controlnet_runs(controlnet) as calls:
         generate(base, PROMPT, [Control(shapes_map(0), controlnet, mode="control")], steps=2, num_images=3,
                  seed=0, output_type="latent")
     assert calls.batches == [3, 3]
-    with CallCounter(controlnet) as calls:
+    with controlnet_runs(controlnet) as calls:
         generate(base, PROMPT, [Control(shapes_map(0), controlnet, mode="prompt")], steps=2, num_images=3,
                  seed=0, output_type="latent")
     assert calls.batches == [6, 6]
@@ -239,7 +245,7 @@ def test_prompt_mode_differs_from_balanced_and_control(base, controlnet):
 
 def test_mixed_modes_run_each_controlnet_on_its_own_batch(base, controlnet, second_controlnet):
     controls = [Control(shapes_map(0), controlnet), Control(shapes_map(1), second_controlnet, mode="control")]
-    with CallCounter(controlnet) as first, CallCounter(second_controlnet) as second:
+    with controlnet_runs(controlnet) as first, controlnet_runs(second_controlnet) as second:
         result = generate(base, PROMPT, controls, steps=2, seed=0, output_type="np").images
     assert first.batches == [2, 2] and second.batches == [1, 1]
     assert np.isfinite(result).all()
@@ -250,7 +256,7 @@ def test_global_pooling_controlnet_equals_diffusers(components, base):
     pooled.register_to_config(global_pool_conditions=True)
     image = shapes_map(2)
     expected = diffusers_controlnet_images(components, pooled, Image.fromarray(image))  # diffusers: guess mode
-    with CallCounter(pooled) as calls:
+    with controlnet_runs(pooled) as calls:
         result = ours(base, [Control(image, pooled)])
     np.testing.assert_allclose(result, expected, atol=1e-5, rtol=0)
     assert calls.batches == [1] * STEPS

@@ -14,7 +14,8 @@ from PIL import Image
 from controlkit.control import Control, fit_image
 from controlkit.controlnet import build_controlnet
 from controlkit.errors import CheckpointError, ConfigError, ControlkitError, ImageError, WeightsNotFoundError
-from controlkit.pipeline import base_from_components, generate, load_base
+from controlkit.pipeline import generate, load_base
+from controlkit.sd_pipelines import pipeline_from_components
 from controlkit.tiny import TinyConfig, build_components, save_components
 
 TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
@@ -265,4 +266,4 @@ def test_non_finite_latents_are_reported_not_returned_as_a_black_image():
     with torch.no_grad():
         broken["unet"].conv_out.bias.fill_(float("nan"))
     with pytest.raises(ControlkitError, match="NaN/inf latents"):
-        run(base_from_components(broken))
+        run(pipeline_from_components(broken))

@@ -29,7 +29,8 @@ import torch
 
 from controlkit.control import Control
 from controlkit.controlnet import build_controlnet
-from controlkit.pipeline import base_from_components, generate
+from controlkit.pipeline import generate
+from controlkit.sd_pipelines import pipeline_from_components
 from controlkit.tiny import build_components, build_tokenizer
 
 PROMPT = "a red sphere and a blue cube on the floor"
@@ -104,7 +105,7 @@ def runners(components: dict[str, Any], controlnet: Any, edges: np.ndarray, step
     controlled = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, **extra)
     for pipe in (plain, controlled):
         pipe.set_progress_bar_config(disable=True)
-    base = base_from_components(components)
+    base = pipeline_from_components(components)
     image = Image.fromarray(edges)
     side = edges.shape[0]
     common = {"num_inference_steps": steps, "output_type": "latent", "height": side, "width": side}
