@@ -3,14 +3,21 @@ ControlNet beating control off on its controllability metric by a wide margin.""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import time
 
+import numpy as np
 import pytest
 
 from controlkit.cli import main
 from controlkit.demo.models import (
-    DEMO_CONDITIONS, DEMO_DIR, base_path, controlnet_path, load_demo_base, load_demo_controlnet,
+    DEMO_CONDITIONS,
+    DEMO_DIR,
+    base_path,
+    controlnet_path,
+    load_demo_base,
+    load_demo_controlnet,
 )
 from controlkit.errors import ConfigError
 
@@ -26,13 +33,13 @@ def test_the_shipped_models_fit_the_budget_and_say_what_they_expect():
 
 
 def test_demo_models_load_in_float32_and_fit_each_other():
-    from controlkit.control import check_fits
+    from controlkit.controlnet import check_fits
 
     base = load_demo_base()
     assert base.unet.dtype == base.vae.dtype == base.text_encoder.dtype == __import__("torch").float32
     assert base.vae_scale_factor == 4 and base.unet.config.sample_size == 16
     controlnet, metadata = load_demo_controlnet("canny", unet=base.unet)
-    check_fits(controlnet, base.unet)
+    check_fits(controlnet.state_dict(), controlnet.config, base.unet)
     assert metadata.condition == "canny" and controlnet.dtype == base.unet.dtype
     with pytest.raises(ConfigError, match="no demo ControlNet for 'scribble'"):
         load_demo_controlnet("scribble")
@@ -65,26 +72,56 @@ MARGINS = {"canny": 0.2, "lineart": 0.07, "softedge": 0.15, "pose": 0.05, "depth
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    output = tmp_path_factory.mktemp("demo")
-    start = time.perf_counter()
-    status = main(["demo", "-o", str(output), "--count", str(COUNT)])
-    seconds = time.perf_counter() - start
+    output, printed = tmp_path_factory.mktemp("demo"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["demo", "-o", str(output), "--count", str(COUNT)])
     rows = json.loads((output / "controllability.json").read_text())
-    return status, output, {row["condition"]: row for row in rows}, seconds
+    return status, output, {row["condition"]: row for row in rows}, printed.getvalue()
 
 
-def test_the_demo_annotates_generates_and_writes_its_sheet_and_table(demo_run, capsys):
+def test_the_demo_annotates_generates_and_writes_its_sheet_and_table(demo_run):
     from controlkit.image import load_image
 
-    status, output, rows, seconds = demo_run
+    status, output, rows, printed = demo_run
     assert status == 0 and list(rows) == list(DEMO_CONDITIONS)
     assert (output / "photo" / "astronaut_canny.png").is_file() and (output / "photo" / "astronaut_pose.png").is_file()
     sheet = load_image(output / "contact_sheet.png")
     cell, gap, band = 128, 4, 96  # 64 x 64 cells enlarged twice, white gaps, the label band
-    assert sheet.shape == (len(DEMO_CONDITIONS) * (cell + gap), band + COUNT * (3 * cell + gap), 3)
+    assert sheet.shape == (len(DEMO_CONDITIONS) * (cell + gap), band + COUNT * (4 * cell + gap), 3)
     for row in rows.values():
         assert row["images"] == COUNT and len(row["per_image_with_control"]) == COUNT
-    assert seconds < 120, f"controlkit demo --count {COUNT} took {seconds:.0f} s"
+    assert "photo: astronaut 512x512" in printed
+    assert "contact sheet (condition | with control | control off | ground truth)" in printed
+
+
+def test_the_contact_sheet_shows_condition_with_control_control_off_and_ground_truth(tmp_path):
+    """Geometry of the sheet, and each of its four cells per case is the image it names (enlarged twice)."""
+    from controlkit.demo.showcase import SHEET_BAND, SHEET_GAP, ConditionRun, DemoCase, contact_sheet
+    from controlkit.image import load_image
+    from training.metrics import MetricResult
+
+    rng = np.random.default_rng(0)
+
+    def images(count: int) -> list[np.ndarray]:
+        return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(count)]
+
+    score = MetricResult("edge_f1", 0.5, True, [0.5])
+    runs = []
+    for condition, count in (("canny", 3), ("depth", 2)):  # the shorter row is padded with white
+        cases = [DemoCase(truth, drawn, drawn, "") for truth, drawn in zip(images(count), images(count))]
+        runs.append(ConditionRun(condition, cases, images(count), images(count), score, score, 0.0))
+    sheet = load_image(contact_sheet(runs, tmp_path / "sheet.png", zoom=2))
+    cell = 128
+    assert sheet.shape == (2 * (cell + SHEET_GAP), SHEET_BAND + 3 * (4 * cell + SHEET_GAP), 3)
+    for row, run in enumerate(runs):
+        top = row * (cell + SHEET_GAP)
+        for index, case in enumerate(run.cases):
+            left = SHEET_BAND + index * (4 * cell + SHEET_GAP)
+            shown = [case.condition_map, run.controlled[index], run.uncontrolled[index], case.truth]
+            for column, image in enumerate(shown):
+                found = sheet[top: top + cell, left + column * cell: left + (column + 1) * cell]
+                np.testing.assert_array_equal(found, np.kron(image, np.ones((2, 2, 1), np.uint8)))
+    assert (sheet[cell + SHEET_GAP:, SHEET_BAND + 2 * (4 * cell + SHEET_GAP):] == 255).all()  # depth's padding
 
 
 @pytest.mark.parametrize("condition", DEMO_CONDITIONS)

@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from controlkit.errors import ConfigError
-from controlkit.tiny import DEFAULT_WORDS
+from controlkit.demo.toyworld.figure import build_figure, figure_keypoints, sample_pose
+from controlkit.demo.toyworld.render import Backdrop, Camera, Lighting, render
+from controlkit.demo.toyworld.solids import Sphere
 from controlkit.demo.toyworld.world import (
     COLOURS,
     MIN_VISIBLE_FRACTION,
@@ -22,10 +23,9 @@ from controlkit.demo.toyworld.world import (
     render_figure,
     render_scene,
 )
+from controlkit.errors import ConfigError
+from controlkit.tiny import DEFAULT_WORDS
 from preprocessors.openpose import BODY_PARTS
-from controlkit.demo.toyworld.figure import build_figure, figure_keypoints, sample_pose
-from controlkit.demo.toyworld.render import Backdrop, Camera, Lighting, render
-from controlkit.demo.toyworld.solids import Sphere
 
 SETTING = re.compile(r"^(.*) on an? (\w+) floor with an? (\w+) background$")
 K = {name: index for index, name in enumerate(BODY_PARTS)}
@@ -387,8 +387,8 @@ WRITTEN = [("scene", "depth"), ("scene", "normal"), ("scene", "none"), ("figure"
 def test_write_dataset_reads_back(tmp_path, kind, condition):
     from PIL import Image
 
-    from training.data.sources import load_pairs
     from controlkit.demo.toyworld.dataset import write_dataset
+    from training.data.sources import load_pairs
 
     manifest = write_dataset(tmp_path / "toy", 5, kind=kind, condition=condition, size=64, seed=3)
     records = [json.loads(line) for line in manifest.read_text().splitlines()]

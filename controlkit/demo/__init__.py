@@ -1,2 +1,3 @@
 """The embedded demo: the engine `controlkit demo` runs (showcase), the shipped weights (weights/), the toy
-world they were trained on (toyworld/), the estimator that measures them and the recipe that rebuilds them."""
+world they were trained on (toyworld/), the estimator that measures them, the recipe that rebuilds them, and the
+plumbing the example scripts share (examples)."""

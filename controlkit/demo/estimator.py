@@ -105,9 +105,9 @@ class GeometryAnnotator:
         self.model, self.kind = model.eval(), kind
 
     def __call__(self, image: Any) -> np.ndarray:
+        from controlkit.demo.toyworld.world import normal_map
         from controlkit.image import load_image
         from preprocessors.openpose import draw_openpose
-        from controlkit.demo.toyworld.world import normal_map
 
         pixels = load_image(image)
         if self.kind == "pose":
@@ -220,8 +220,8 @@ def train_geometry(output: str | Path = "runs/demo/geometry", *, steps: int = 20
 def held_out_errors(model: Any, seed: int) -> dict[str, float]:
     """The estimator against the ground truth of new renders: mean depth RMSE, normal angle (scenes) and keypoint
     distance (figures)."""
-    from training.metrics import angular_error, keypoint_distance, rmse
     from controlkit.demo.toyworld.world import depth_map, normal_map, pose_json, render_figure, render_scene
+    from training.metrics import angular_error, keypoint_distance, rmse
 
     scenes = [render_scene((seed, index), size=SIDE) for index in range(HELD_OUT)]
     figures = [render_figure((seed, index), size=SIDE) for index in range(HELD_OUT)]

@@ -4,7 +4,7 @@ preprocessor -> `Control` -> `generate` -> save.
 - `parse_args(condition, description, argv)`: the standard flags (IMAGE, --base, --controlnet, --set KEY=VALUE,
   --prompt, --seed, --steps, --guidance, --toy-seed, -o).
 - `load_models(condition, args)`: the embedded demo base and demo ControlNet, or --base and --controlnet.
-- `load_input(condition, args)`: the input image with its prompt and generation size (`ExampleInput`).
+- `load_input(condition, args)`: the input image at the size to generate at, with its prompt (`ExampleInput`).
 - `save_panels(images, path)`: the images side by side in one PNG.
 - `run(main)`: a script's `main` with user errors as one line on stderr and exit status 1.
 """
@@ -12,7 +12,6 @@ preprocessor -> `Control` -> `generate` -> save.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from controlkit.errors import ConfigError, ControlkitError
+from preprocessors.registry import parse_param_value
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, StableDiffusionPipeline
@@ -31,10 +31,10 @@ PHOTO_PROMPT = "a high quality, detailed photograph"
 
 EPILOG = """which input, which models:
   no IMAGE, demo models    a held-out toy-world render (--toy-seed) with its caption; pose, depth and normal use
-                           the toy world's exact maps (no depth or normal model ships offline), the edges their
-                           preprocessor
+                           the toy world's exact maps (no depth or normal model ships offline; with --set, the
+                           preprocessor instead), the edges their preprocessor
   your IMAGE               annotated by the preprocessor the ControlNet's metadata names, with --set parameters
-                           over its own; with the demo models the map and the generation are 64 x 64 pixels
+                           over its own; with the demo models it is first resized to 64 x 64 pixels
   --base and --controlnet  your checkpoints; no IMAGE: a bundled photo; the output has the image's size, sides
                            rounded to multiples of 8
 Output: one PNG, input | condition map | generated."""
@@ -74,14 +74,11 @@ def parse_args(condition: str, description: str | None, argv: Sequence[str] | No
 
 
 def _assignment(item: str) -> tuple[str, Any]:
-    """'low_threshold=50' -> ('low_threshold', 50): the value as a JSON literal (50, true, [1, 2]), else text."""
+    """'low_threshold=50' -> ('low_threshold', 50): the value as `--set` reads it (`parse_param_value`)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-    try:
-        return key.strip(), json.loads(text)
-    except json.JSONDecodeError:
-        return key.strip(), text
+    return key.strip(), parse_param_value(text)
 
 
 def load_models(condition: str, args: argparse.Namespace) -> tuple[StableDiffusionPipeline, ControlNetModel, Any]:
@@ -105,15 +102,15 @@ def load_models(condition: str, args: argparse.Namespace) -> tuple[StableDiffusi
 class ExampleInput:
     """The input of one example run.
 
-    image: (H, W, 3) uint8 RGB at its own size. prompt: the text prompt. size: (width, height) to generate at:
-    64 x 64 with the demo models, else the image's sides rounded to multiples of 8. exact_map: the toy world's
-    own (64, 64, 3) uint8 map for the default toy render of pose, depth or normal (without --set); None means
-    "annotate `image` with the preprocessor". note: what the output line adds about sizes ('' or ' (...)').
+    image: (H, W, 3) uint8 RGB at the size to generate at: 64 x 64 with the demo models (your image resized:
+    the demo ControlNets were trained on maps of 64-pixel images), else your image with its sides rounded to
+    multiples of 8. prompt: the text prompt. exact_map: the toy world's own (64, 64, 3) uint8 map for the
+    default toy render of pose, depth or normal (without --set); None means "annotate `image` with the
+    preprocessor". note: what the output line adds about the resizing ('' or ' (...)').
     """
 
     image: np.ndarray
     prompt: str
-    size: tuple[int, int]
     exact_map: np.ndarray | None
     note: str
 
@@ -123,31 +120,31 @@ def load_input(condition: str, args: argparse.Namespace) -> ExampleInput:
     from controlkit.demo.models import DEMO_SIZE
     from controlkit.demo.photos import sample_photo
     from controlkit.demo.showcase import exact_map, held_out_render
-    from controlkit.image import load_image
+    from controlkit.image import load_image, resize_to
 
     demo = args.base is None
     if args.image is None and demo:
         render = held_out_render(condition, args.toy_seed)
         truth = None if args.params else exact_map(condition, render)  # --set asks for the preprocessor
-        prompt = render.caption if args.prompt is None else args.prompt
-        return ExampleInput(render.image, prompt, (DEMO_SIZE, DEMO_SIZE), truth, "")
+        return ExampleInput(render.image, render.caption if args.prompt is None else args.prompt, truth, "")
     image = load_image(args.image) if args.image is not None else sample_photo("astronaut")
     prompt = args.prompt if args.prompt is not None else ("" if demo else PHOTO_PROMPT)
     height, width = image.shape[:2]
     size = (DEMO_SIZE, DEMO_SIZE) if demo else (_multiple_of_8(width), _multiple_of_8(height))
-    note = "" if size == (width, height) else f" (your {width}x{height} image generated at {size[0]}x{size[1]}"
-    if note:
-        note += ": the demo models work at 64 px)" if demo else ": sides rounded to multiples of 8)"
-    return ExampleInput(image, prompt, size, None, note)
+    if size == (width, height):
+        return ExampleInput(image, prompt, None, "")
+    why = "the demo models work at 64 px" if demo else "sides rounded to multiples of 8"
+    note = f" (your {width}x{height} image resized to {size[0]}x{size[1]}: {why})"
+    return ExampleInput(resize_to(image, size), prompt, None, note)
 
 
 def _multiple_of_8(side: int) -> int:
-    return max(8, int(round(side / 8)) * 8)
+    return max(8, round(side / 8) * 8)
 
 
 def save_panels(images: Sequence[Any], path: str | Path) -> Path:
-    """The images (anything `load_image` takes) side by side in one PNG, each resized to the last one's height
-    (the generated image's), with a 4-pixel white gap between them.
+    """The images (anything `load_image` takes) side by side in one PNG, each resized to the first one's height,
+    with a 4-pixel white gap between them.
 
     Raises:
         ConfigError: `path` does not end in .png.
@@ -160,7 +157,7 @@ def save_panels(images: Sequence[Any], path: str | Path) -> Path:
     if path.suffix.lower() != ".png":
         raise ConfigError(f"-o {path}: the output must be a .png path")
     arrays = [load_image(image) for image in images]
-    height = arrays[-1].shape[0]
+    height = arrays[0].shape[0]
     panels = []
     for array in arrays:
         width = max(1, round(array.shape[1] * height / array.shape[0]))

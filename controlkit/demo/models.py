@@ -1,4 +1,4 @@
-"""The embedded demo's models, shipped inside the package (controlkit/demo/, float16 safetensors).
+"""The embedded demo's models, shipped inside the package (controlkit/demo/weights/, float16 safetensors).
 
     base/                     a tiny text-to-image latent diffusion model (diffusers folder: U-Net, x4 VAE, CLIP
                               text encoder, its own word-level tokenizer), trained on the toy world

@@ -14,10 +14,10 @@ are relative to the repository root (run from there).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 

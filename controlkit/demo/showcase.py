@@ -68,8 +68,8 @@ def condition_annotator(condition: str, metadata: Any) -> Callable[[Any], Any]:
     re-annotates generated images: the metadata's preprocessor, or the toy-world estimator for depth, normal and
     pose."""
     if condition in EXACT_CONDITIONS:
-        from controlkit.demo.models import geometry_path
         from controlkit.demo.estimator import GeometryAnnotator, load_estimator
+        from controlkit.demo.models import geometry_path
 
         return GeometryAnnotator(load_estimator(geometry_path()), condition)
     from preprocessors.registry import checkpoint_preprocessor
@@ -261,7 +261,7 @@ def annotate_photo(name: str, output: str | Path, *, log: Callable[[str], None] 
     to_pil(photo).save(result.photo)
     say(f"photo: {name} {photo.shape[1]}x{photo.shape[0]} -> {result.photo}")
     for preprocessor, spec in sorted(PREPROCESSORS.items()):
-        missing = spec.readiness()
+        missing = spec.check_ready()
         if missing is not None:
             result.skipped[preprocessor] = missing
             say(f"  {preprocessor:9s} skipped: {missing}")

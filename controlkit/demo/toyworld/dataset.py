@@ -28,8 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from controlkit.errors import ConfigError
-from controlkit.files import atomic_path, write_bytes_atomic
 from controlkit.demo.toyworld.world import (
     CircleSample,
     ToyScene,
@@ -42,6 +40,8 @@ from controlkit.demo.toyworld.world import (
     render_figure,
     render_scene,
 )
+from controlkit.errors import ConfigError
+from controlkit.files import atomic_path, write_bytes_atomic
 
 #: The conditions each kind of sample can be written with. "image": the condition is the target image itself;
 #: "none": no condition file (the trainer computes one with a preprocessor, e.g. canny).

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from preprocessors.openpose import BODY_PARTS
 from controlkit.demo.toyworld.render import Camera
 from controlkit.demo.toyworld.solids import Capsule, Solid, Sphere, rotation_y, unit
+from preprocessors.openpose import BODY_PARTS
 
 FACE_KEYPOINTS = ("nose", "right_eye", "left_eye", "right_ear", "left_ear")
 #: What each action is called in captions.

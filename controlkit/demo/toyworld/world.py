@@ -23,16 +23,15 @@ are drawn from `ToyScene.keypoints` by the pose preprocessor's renderer. Caption
 
 from __future__ import annotations
 
-
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from controlkit.errors import ConfigError
 from controlkit.demo.toyworld.figure import ACTIONS, build_figure, figure_keypoints, sample_pose
 from controlkit.demo.toyworld.render import Backdrop, Camera, Lighting, render
 from controlkit.demo.toyworld.solids import Box, Cone, Cylinder, Sphere
+from controlkit.errors import ConfigError
 
 #: Named colours (sRGB 0..255); the names are the caption words.
 COLOURS = {
