@@ -96,7 +96,7 @@ def annotate_paths(
         workers: processes; each builds the preprocessor once.
         overwrite: recompute maps that already exist (default: skip them, which resumes a stopped run).
         keypoints: also write OpenPose JSON next to each map (preprocessors with a `keypoints` method).
-        progress: wraps the stream of finished jobs, e.g. `lambda it, n: tqdm(it, total=n)`.
+        progress: wraps the stream of finished jobs: `progress_bar`, or e.g. `lambda it, n: tqdm(it, total=n)`.
 
     Returns:
         An `AnnotateReport`; a bad input is recorded in `failed` and the others are still written.
@@ -116,6 +116,15 @@ def annotate_paths(
     for job, error in progress(results, len(jobs)) if progress else results:
         report.failed.append((job.source, error)) if error else report.written.append(job.output)
     return report
+
+
+def progress_bar(results: Iterable[Any], total: int) -> Iterable[Any]:
+    """A progress bar on stderr over `total` finished jobs: the `progress` of `annotate_paths` on a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(results, total=total, unit="img", file=sys.stderr, disable=total == 0)
 
 
 def _run(jobs: list[Job], name: str, params: dict[str, Any], annotator: Any, workers: int) -> Iterable:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,20 @@ def get_preprocessor(name: str, **params: Any) -> Preprocessor:
             f"Valid: {', '.join(sorted(valid)) or 'none'}."
         )
     return cls.create(**params)
+
+
+def parse_param_value(text: str) -> Any:
+    """A parameter value written as text (`--set KEY=VALUE`): JSON literals (numbers, true/false, null, lists;
+    also True/False/None in any case) or else the plain string."""
+    lowered = text.strip()
+    if lowered.lower() in ("true", "false"):
+        return lowered.lower() == "true"
+    if lowered.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(lowered)
+    except json.JSONDecodeError:
+        return text
 
 
 def checkpoint_preprocessor(name: str, metadata: Any, overrides: dict[str, Any] | None = None) -> Any:

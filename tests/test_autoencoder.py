@@ -10,8 +10,8 @@ import torch
 from train_helpers import load_tensors, make_world, overrides
 
 from controlkit.errors import ConfigError
-from training.engine.autoencoder import autoencoder_loss, latent_scaling_factor
 from training.config import load_config
+from training.engine.autoencoder import autoencoder_loss, latent_scaling_factor
 from training.engine.trainer import train
 
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
@@ -49,8 +49,7 @@ def test_vae_training_lowers_the_loss_and_writes_a_loadable_base_with_its_scalin
     assert (tmp_path / "run" / "validation" / "reconstructions.png").is_file()
 
     # The factor is 1 / std of posterior samples of the training images (what the diffusion trainer scales).
-    from training.data.dataset import PairedDataset, load_pairs
-    from training.data.dataset import image_as_condition
+    from training.data.dataset import PairedDataset, image_as_condition, load_pairs
 
     dataset = PairedDataset(load_pairs(data), resolution=32, condition_fn=image_as_condition)
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from controlkit.demo.showcase import run_condition
 from controlkit.demo.models import base_path, load_demo_base
-from training.config import load_config
+from controlkit.demo.showcase import run_condition
 from controlkit.demo.toyworld.dataset import write_dataset
+from training.config import load_config
 from training.engine.trainer import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "demo_canny.toml"

@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from controlkit.demo.estimator import (
-    CHANNELS, KEYPOINTS, GeometryAnnotator, heatmap_peaks, build_estimator, estimator_loss, render_truth,
+    CHANNELS,
+    KEYPOINTS,
+    GeometryAnnotator,
+    build_estimator,
+    estimator_loss,
+    heatmap_peaks,
+    render_truth,
 )
-from training.metrics import keypoint_distance
 from controlkit.demo.toyworld.world import pose_json, render_figure
+from training.metrics import keypoint_distance
 
 
 def test_heatmap_targets_peak_at_the_figures_keypoints():

@@ -9,8 +9,8 @@ import pytest
 
 from controlkit.cli import main
 from controlkit.errors import ConfigError
-from training.engine.checkpoints import config_drift
 from training.config import SCHEDULES, SECTIONS, TrainConfig, load_config, to_toml
+from training.engine.checkpoints import config_drift
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 SHIPPED = sorted(CONFIGS.rglob("*.toml"))

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 #: Sizes that make a training step take milliseconds on a CPU: 16 px images, x2 VAE -> 8 x 8 latents.
 RESOLUTION = 16
 
 
 def make_world(root: Path, pairs: int = 16) -> tuple[Path, Path]:
     """(base model folder, dataset manifest) under `root`: controlkit.tiny components and toy-world circles."""
-    from controlkit.tiny import TinyConfig, build_components, save_components
     from controlkit.demo.toyworld.dataset import write_dataset
+    from controlkit.tiny import TinyConfig, build_components, save_components
 
     tiny = TinyConfig(block_out_channels=(16, 32), vae_channels=(16, 32), cross_attention_dim=32, sample_size=8)
     base = save_components(build_components(tiny, seed=0), root / "base")

@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from preprocessors.batch import annotate_paths
+    from preprocessors.batch import annotate_paths, progress_bar
 
     if args.workers < 1:
         raise argparse.ArgumentTypeError(f"--workers must be at least 1, got {args.workers}")
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = annotate_paths(
             args.inputs, args.preprocessor, args.output, params=params, workers=args.workers,
-            overwrite=args.overwrite, keypoints=args.json, progress=None if args.quiet else _progress,
+            overwrite=args.overwrite, keypoints=args.json, progress=None if args.quiet else progress_bar,
         )
     except (ValueError, TypeError) as error:  # unknown preprocessor or parameter: a usage error
         raise argparse.ArgumentTypeError(str(error)) from None
@@ -58,8 +58,3 @@ def run(args: argparse.Namespace) -> int:
     )
     return 0 if report.ok else 1
 
-
-def _progress(results, total):
-    from tqdm import tqdm
-
-    return tqdm(results, total=total, unit="img", file=sys.stderr, disable=total == 0)

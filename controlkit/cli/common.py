@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from typing import Any
+
+from preprocessors.registry import parse_param_value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults and keeps the epilog's example commands on their own lines."""
-
-
-def parse_value(text: str) -> Any:
-    """A `--set` value: JSON literals (numbers, true/false, null, lists) or else the plain string."""
-    lowered = text.strip()
-    if lowered.lower() in ("true", "false"):
-        return lowered.lower() == "true"
-    if lowered.lower() in ("none", "null"):
-        return None
-    try:
-        return json.loads(lowered)
-    except json.JSONDecodeError:
-        return text
 
 
 def parse_assignments(items: Sequence[str] | None, option: str) -> dict[str, Any]:
@@ -32,7 +20,7 @@ def parse_assignments(items: Sequence[str] | None, option: str) -> dict[str, Any
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise argparse.ArgumentTypeError(f"{option} expects KEY=VALUE, got {item!r}")
-        result[key.strip()] = parse_value(value)
+        result[key.strip()] = parse_param_value(value)
     return result
 
 

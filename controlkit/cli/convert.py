@@ -4,11 +4,9 @@ original-format (A1111/ComfyUI) .safetensors file, with its condition metadata."
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
-from pathlib import Path
 
 from controlkit.cli.common import HelpFormatter, parse_assignments
-from controlkit.errors import ConfigError
+from controlkit.devices import DTYPE_NAMES
 
 EPILOG = """examples:
   controlkit convert control_v11p_sd15_canny.pth canny-diffusers --to diffusers
@@ -17,7 +15,7 @@ EPILOG = """examples:
   controlkit convert control_sd15_openpose.pth openpose/ --to diffusers --set detect_resolution=512
 """
 
-DTYPES = ("keep", "float32", "float16", "bfloat16")
+DTYPES = ("keep", *DTYPE_NAMES)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,37 +44,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controlkit.checkpoint import load_controlnet, save_controlnet
+    from controlkit.conversion import convert_controlnet
+    from controlkit.devices import torch_dtype
 
     params = parse_assignments(args.params, "--set")
-    destination = _destination(Path(args.source), Path(args.destination), args.to, args.overwrite)
-    dtype = None if args.dtype == "keep" else _torch_dtype(args.dtype)
-    controlnet, metadata = load_controlnet(args.source, torch_dtype=dtype)
-    updates = {"condition": args.condition, "preprocessor": args.preprocessor, "base": args.base}
-    metadata = replace(metadata, **{key: value for key, value in updates.items() if value is not None})
-    if params:
-        metadata = replace(metadata, preprocessor_params={**metadata.preprocessor_params, **params})
-    written = save_controlnet(controlnet, destination, metadata, original=args.to == "original")
-    tensors = len(controlnet.state_dict())
-    dtype_name = str(next(controlnet.parameters()).dtype).replace("torch.", "")
-    print(f"wrote {written} ({args.to} format, {tensors} tensors, {dtype_name}, condition: {metadata.condition})")
+    result = convert_controlnet(
+        args.source, args.destination, original=args.to == "original",
+        torch_dtype=None if args.dtype == "keep" else torch_dtype(args.dtype), condition=args.condition,
+        preprocessor=args.preprocessor, preprocessor_params=params, base=args.base, overwrite=args.overwrite,
+    )
+    print(f"wrote {result.path} ({args.to} format, {result.tensor_count} tensors, {result.dtype}, "
+          f"condition: {result.metadata.condition})")
     return 0
-
-
-def _destination(source: Path, destination: Path, to: str, overwrite: bool) -> Path:
-    if to == "original" and destination.is_dir():
-        destination = destination / f"{source.name.split('.')[0]}.safetensors"
-    if to == "original" and destination.suffix.lower() != ".safetensors":
-        raise ConfigError(f"{destination}: the original format is one file; give a path ending in .safetensors")
-    exists = destination.is_file() or (destination.is_dir() and any(destination.iterdir()))
-    if exists and not overwrite:
-        raise ConfigError(f"{destination} already exists; pass --overwrite to replace it")
-    if to == "diffusers" and destination.is_file():
-        raise ConfigError(f"{destination} is a file; --to diffusers writes a folder")
-    return destination
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)

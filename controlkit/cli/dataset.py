@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from controlkit.cli.common import HelpFormatter, parse_assignments
+
+if TYPE_CHECKING:
+    from training.data.checks import CheckReport
 
 EPILOG = """formats SOURCE may be:
   a JSONL manifest        {"image": "images/0.png", "condition": "conditions/0.png", "prompt": "..."} per line
@@ -26,16 +27,9 @@ examples:
   controlkit dataset build people/ -p pose -o pose-pairs/ --caption-from filename --workers 2
 """
 
-#: Report categories, in the order the summary lists them, matched on the problem's text.
-CATEGORIES = (
-    ("missing file", "no such file"),
-    ("size mismatch", "size mismatch"),
-    ("empty caption", "empty caption"),
-    ("no condition", "no condition map"),
-)
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from training.data.building import CAPTION_SOURCES
+
     parser = subparsers.add_parser(
         "dataset",
         help="check paired training data, or build pairs from a folder of images",
@@ -71,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--set", action="append", metavar="KEY=VALUE", dest="params", help="preprocessor parameter (repeatable)"
     )
     build.add_argument(
-        "--caption-from", choices=("txt", "filename"), default="txt",
+        "--caption-from", choices=CAPTION_SOURCES, default="txt",
         help="captions from same-stem .txt files, or from file names (underscores and dashes become spaces)",
     )
     build.add_argument("--workers", type=int, default=1, help="worker processes")
@@ -89,6 +83,7 @@ def _add_column_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from training.data.checks import check_pairs
     from training.data.dataset import load_pairs
 
     _check_workers(args.workers)
@@ -98,105 +93,49 @@ def run_check(args: argparse.Namespace) -> int:
         args.source, image_column=args.image_column, conditioning_column=args.conditioning_column,
         caption_column=args.caption_column,
     )
-    computed = args.preprocessor is not None
-    checks = _check_all(pairs, computed, args.workers, progress=not args.json)
-    bad = [(pair.key, check.problems) for pair, check in zip(pairs, checks) if check.problems]
-    warned = [(pair.key, check.warnings) for pair, check in zip(pairs, checks) if check.warnings]
-    counts = Counter(_category(problem) for _, found in bad for problem in found)
+    report = check_pairs(
+        pairs, conditions_computed=args.preprocessor is not None, workers=args.workers, progress=not args.json
+    )
     if args.json:
-        report = {
-            "source": str(args.source), "pairs": len(pairs), "bad": len(bad), "problems": dict(counts),
-            "bad_pairs": [{"key": key, "problems": found} for key, found in bad],
-            "warnings": [{"key": key, "warnings": found} for key, found in warned],
-        }
-        print(json.dumps(report, indent=2))
+        print(json.dumps({
+            "source": str(args.source), "pairs": report.pairs, "bad": len(report.bad), "problems": report.counts,
+            "bad_pairs": [{"key": key, "problems": found} for key, found in report.bad],
+            "warnings": [{"key": key, "warnings": found} for key, found in report.warned],
+        }, indent=2))
     else:
-        for key, found in bad:
-            for problem in found:
-                print(f"{key}: {problem}")
-        for key, found in warned:
-            for warning in found:
-                print(f"{key}: warning: {warning}")
-        summary = ", ".join(f"{count} {name}" for name, count in _ordered(counts))
-        print(
-            f"{args.source}: {len(pairs)} pairs, {len(bad)} bad" + (f" ({summary})" if summary else "")
-            + (f"; {len(warned)} with warnings" if warned else "")
-        )
-    return 1 if bad else 0
+        _print_check(args.source, report)
+    return 0 if report.ok else 1
 
 
-def _check_all(pairs: list, computed: bool, workers: int, *, progress: bool) -> list:
-    """`check_pair` over every pair, in order, in `workers` processes."""
-    from functools import partial
-
-    from training.data.dataset import check_pair
-
-    check = partial(check_pair, conditions_computed=computed)
-    if workers <= 1 or len(pairs) <= 1:
-        results: Any = map(check, pairs)
-        executor = None
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-        results = executor.map(check, pairs, chunksize=max(1, min(64, len(pairs) // (4 * workers))))
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=len(pairs), unit="pair", file=sys.stderr, disable=len(pairs) < 100)
-    try:
-        return list(results)
-    finally:
-        if executor is not None:
-            executor.shutdown()
-
-
-def _category(problem: str) -> str:
-    for name, marker in CATEGORIES:
-        if marker in problem:
-            return name
-    return "corrupt image"
-
-
-def _ordered(counts: Counter) -> list[tuple[str, int]]:
-    order = [name for name, _ in CATEGORIES[:1]] + ["corrupt image"] + [name for name, _ in CATEGORIES[1:]]
-    return [(name, counts[name]) for name in order if counts[name]]
+def _print_check(source: str, report: CheckReport) -> None:
+    for key, found in report.bad:
+        for problem in found:
+            print(f"{key}: {problem}")
+    for key, found in report.warned:
+        for warning in found:
+            print(f"{key}: warning: {warning}")
+    summary = ", ".join(f"{count} {name}" for name, count in report.summary())
+    print(
+        f"{source}: {report.pairs} pairs, {len(report.bad)} bad" + (f" ({summary})" if summary else "")
+        + (f"; {len(report.warned)} with warnings" if report.warned else "")
+    )
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from preprocessors.batch import annotate_paths, plan_jobs
-    from preprocessors.registry import get_spec
+    from training.data.building import build_dataset
 
     _check_workers(args.workers)
     _check_preprocessor_name(args.preprocessor)
-    images, output = Path(args.images), Path(args.output)
-    if not images.is_dir():
-        raise argparse.ArgumentTypeError(f"IMAGES_DIR must be a folder, got {images}")
-    conditions = output / "conditions"
-    keypoints = hasattr(get_spec(args.preprocessor).load_class(), "keypoints")  # pose: keep the JSON too
+    if not Path(args.images).is_dir():
+        raise argparse.ArgumentTypeError(f"IMAGES_DIR must be a folder, got {Path(args.images)}")
     try:
-        report = annotate_paths(
-            [images], args.preprocessor, conditions, params=parse_assignments(args.params, "--set"),
-            workers=args.workers, overwrite=args.overwrite, keypoints=keypoints,
-            progress=None if args.quiet else _progress,
+        built = build_dataset(
+            args.images, args.preprocessor, args.output, params=parse_assignments(args.params, "--set"),
+            workers=args.workers, overwrite=args.overwrite, caption_from=args.caption_from, progress=not args.quiet,
         )
     except (ValueError, TypeError) as error:  # an unknown preprocessor parameter: a usage error
         raise argparse.ArgumentTypeError(str(error)) from None
-    failed = {Path(source) for source, _ in report.failed}
-    records, uncaptioned = [], []
-    for job in plan_jobs([images], conditions, keypoints=keypoints):
-        if job.source in failed:
-            continue
-        prompt = _caption(job.source, args.caption_from)
-        if not prompt:
-            uncaptioned.append(job.source)
-        records.append({
-            "image": Path(os.path.relpath(job.source, output)).as_posix(),
-            "condition": job.output.relative_to(output).as_posix(),
-            "prompt": prompt,
-        })
-    _write_manifest(output / "manifest.jsonl", records)
+    report, uncaptioned = built.annotation, built.uncaptioned
     for source, reason in report.failed:
         print(f"failed: {reason if str(source) in reason else f'{source}: {reason}'}", file=sys.stderr)
     for source in uncaptioned[:10]:
@@ -205,26 +144,10 @@ def run_build(args: argparse.Namespace) -> int:
         print(f"no caption: {len(uncaptioned) - 10} more", file=sys.stderr)
     print(
         f"{args.preprocessor}: {len(report.written)} maps written, {len(report.skipped)} already there, "
-        f"{len(report.failed)} failed; {output / 'manifest.jsonl'}: {len(records)} pairs"
+        f"{len(report.failed)} failed; {built.manifest}: {len(built.records)} pairs"
         + (f", {len(uncaptioned)} without caption" if uncaptioned else "")
     )
-    return 0 if report.ok else 1
-
-
-def _caption(image: Path, source: str) -> str:
-    if source == "filename":
-        return " ".join(image.stem.replace("_", " ").replace("-", " ").split())
-    try:
-        return image.with_suffix(".txt").read_text(encoding="utf-8").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return ""
-
-
-def _write_manifest(path: Path, records: list[dict[str, str]]) -> None:
-    """All lines at once, through a temporary file renamed into place (never a half-written manifest)."""
-    from controlkit.files import write_bytes_atomic
-
-    write_bytes_atomic(path, "".join(json.dumps(record) + "\n" for record in records).encode("utf-8"))
+    return 0 if built.ok else 1
 
 
 def _check_workers(workers: int) -> None:
@@ -239,9 +162,3 @@ def _check_preprocessor_name(name: str) -> None:
         get_spec(name)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _progress(results, total):
-    from tqdm import tqdm
-
-    return tqdm(results, total=total, unit="img", file=sys.stderr, disable=total == 0)

@@ -6,8 +6,6 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from controlkit.cli.common import HelpFormatter, parse_assignments, parse_named
@@ -25,6 +23,8 @@ SSIM (softedge, lineart), RMSE (depth), angular error (normal), keypoint distanc
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from training.evaluation import DEFAULT_NEGATIVE_PROMPT
+
     parser = subparsers.add_parser(
         "eval",
         help="measure how well a ControlNet follows its conditions on a paired dataset",
@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resolution", type=int, default=512, help="side of the square condition and image")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
     parser.add_argument("--seed", type=int, default=42, help="generation seed, the same for every pair")
-    parser.add_argument("--negative-prompt", default="worst quality, low quality", help="negative prompt")
+    parser.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt")
     parser.add_argument(
         "--set", action="append", metavar="KEY=VALUE", dest="params",
         help="parameter of NAME's preprocessor, for computing missing maps and re-annotating (repeatable; "
@@ -60,43 +60,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from controlkit.control import Control
-    from controlkit.pipeline import generate, load_base
-    from training.data.dataset import PairedDataset, load_pairs, make_condition_fn
-    from training.metrics import controllability, metric_spec
+    from controlkit.pipeline import load_base
+    from training.data.dataset import load_pairs
+    from training.evaluation import evaluate_controlnet
+    from training.metrics import metric_spec
 
     name, path = _one_controlnet(args.controlnet)
     metric_spec(name)  # an unknown condition fails before any model is loaded
     _check_numbers(args)
+    params = parse_assignments(args.params, "--set")
     pairs = load_pairs(args.data)[: args.limit]
     base = load_base(args.base, device=args.device)
     control = Control.from_pretrained(path, None, unet=base.unet, scale=args.scale)
-    params = _preprocessor_params(control, name, parse_assignments(args.params, "--set"))
-    missing_maps = any(pair.condition is None for pair in pairs)
-    condition_fn = make_condition_fn(name, params) if missing_maps else None
-    dataset = PairedDataset(pairs, resolution=args.resolution, condition_fn=condition_fn, seed=args.seed)
-    annotator = _annotator(name, params)
-    generated, conditions, keys = [], [], []
-    for index in _progress(range(len(dataset)), quiet=args.json):
-        item = dataset[index]
-        if item is None:
-            continue
-        condition = (item["conditioning_pixel_values"].permute(1, 2, 0) * 255).round().byte().numpy()
-        result = generate(
-            base, item["prompt"], [replace(control, image=condition)], negative_prompt=args.negative_prompt,
-            steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-        )
-        generated.append(result.images[0])
-        conditions.append(condition)
-        keys.append(pairs[index].key)
-        if args.output:
-            _save_grid(Path(args.output), len(keys) - 1, condition, result.images[0])
-    for key, reason in dataset.bad_pairs:
+    result = evaluate_controlnet(
+        base, control, name, pairs, resolution=args.resolution, preprocessor_params=params, steps=args.steps,
+        guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt, grid_folder=args.output,
+        progress=not args.json,
+    )
+    for key, reason in result.bad_pairs:
         print(f"skipped {key}: {reason}", file=sys.stderr)
-    if not generated:
-        print(f"error: no pair of {args.data} could be evaluated ({len(dataset.bad_pairs)} bad)", file=sys.stderr)
+    if result.metric is None:
+        print(f"error: no pair of {args.data} could be evaluated ({len(result.bad_pairs)} bad)", file=sys.stderr)
         return 1
-    metric = controllability(name, generated, conditions, preprocessor=annotator)
-    _report(args, name, metric, keys, len(dataset.bad_pairs))
+    _report(args, name, result.metric, result.keys, len(result.bad_pairs))
     return 0
 
 
@@ -113,42 +99,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise argparse.ArgumentTypeError(f"--limit must be at least 1, got {args.limit}")
     if args.resolution < 8 or args.resolution % 8:
         raise argparse.ArgumentTypeError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-
-
-def _preprocessor_params(control: Any, name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The ControlNet's stored preprocessor parameters (when it was trained on NAME's maps), then --set."""
-    metadata = control.metadata
-    stored = {}
-    if metadata is not None and metadata.preprocessor == name:
-        stored = dict(metadata.preprocessor_params)
-    return {**stored, **given}
-
-
-def _annotator(name: str, params: dict[str, Any]) -> Any:
-    from controlkit.errors import ConfigError
-    from preprocessors.registry import get_preprocessor
-
-    try:
-        return get_preprocessor(name, **params)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"preprocessor '{name}': {error}") from None
-
-
-def _progress(indices: range, *, quiet: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(indices, unit="pair", file=sys.stderr, disable=quiet or len(indices) < 2)
-
-
-def _save_grid(folder: Path, index: int, condition: Any, image: Any) -> None:
-    import numpy as np
-
-    from controlkit.image import load_image, resize_to, to_pil
-
-    picture = load_image(image)
-    grid = np.concatenate([resize_to(condition, (picture.shape[1], picture.shape[0])), picture], axis=1)
-    folder.mkdir(parents=True, exist_ok=True)
-    to_pil(grid).save(folder / f"{index:05d}.png")
 
 
 def _report(args: argparse.Namespace, name: str, metric: Any, keys: list[str], skipped: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from controlkit.cli.common import HelpFormatter, parse_named
+from controlkit.devices import AUTO, DTYPE_NAMES
 from controlkit.errors import ConfigError
 
 EPILOG = """examples:
@@ -19,7 +20,7 @@ EPILOG = """examples:
       --controlnet edges=cn-canny --control edges=edges.png --scale edges=0.6 --end edges=0.5 --num-images 4
 """
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = (AUTO, *DTYPE_NAMES)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,12 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--init-image", help="start from this image (img2img)")
     parser.add_argument("--strength", type=float, default=0.75, help="img2img noise strength in (0, 1]")
     parser.add_argument("--device", default=None, help="torch device; cuda if available, else cpu")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
+    parser.add_argument("--dtype", default=AUTO, choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
     parser.add_argument("-o", "--output", default="generated.png", help="output PNG")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from controlkit.devices import device_and_dtype
     from controlkit.image import load_image
     from controlkit.pipeline import generate, load_base, quiet_loading
 
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     photos = {name: load_image(path) for name, path in images.items()}  # bad images fail before models load
     if args.init_image is not None:
         load_image(args.init_image)
-    device, dtype = _device_and_dtype(args.device, args.dtype)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     quiet_loading()
     started = time.perf_counter()
     base = load_base(args.base, torch_dtype=dtype, device=device, config=args.base_config)
@@ -133,15 +135,6 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
 
 def _weights(text: str) -> list[float]:
     return [float(item) for item in text.split(",")]
-
-
-def _device_and_dtype(device: str | None, dtype: str) -> tuple[Any, Any]:
-    import torch
-
-    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        return chosen, torch.float16 if chosen.type == "cuda" else torch.float32
-    return chosen, getattr(torch, dtype)
 
 
 def _load_control(name: str, source: str, photo: Any, options: dict[str, Any], unet: Any, preprocess: bool) -> Any:

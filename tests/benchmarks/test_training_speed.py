@@ -78,8 +78,8 @@ def test_encoding_cache_speeds_up_training(name, tmp_path):
 
 
 def _world(root: Path, size: str, resolution: int, pairs: int) -> tuple[Path, Path]:
-    from controlkit.tiny import TinyConfig, build_components, save_components
     from controlkit.demo.toyworld.dataset import write_dataset
+    from controlkit.tiny import TinyConfig, build_components, save_components
 
     components = build_components(TinyConfig(vae_channels=(32, 64, 64, 64)), seed=0) if size == "tiny" else _sd15()
     base = save_components(components, root / "base")

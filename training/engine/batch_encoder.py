@@ -13,15 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ControlkitError
 from training.data.encodings import (
-    EncodingCache, content_key, encode_images, encode_prompts, folder_identity, latent_shape, sample_latents,
+    EncodingCache,
+    content_key,
+    encode_images,
+    encode_prompts,
+    folder_identity,
+    latent_shape,
+    sample_latents,
 )
 from training.engine.step import StepInputs
 
 if TYPE_CHECKING:
     import torch
 
-    from training.engine.models import Components
     from training.config import TrainConfig
+    from training.engine.models import Components
 
 
 @dataclass
