@@ -21,6 +21,7 @@ from controlkit.errors import (
     ControlkitError,
     ImageError,
     MissingDependencyError,
+    OutputError,
     UnsafeCheckpointError,
     WeightsNotFoundError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ControlkitError",
     "ImageError",
     "MissingDependencyError",
+    "OutputError",
     "UnsafeCheckpointError",
     "WeightsNotFoundError",
     "__version__",

@@ -32,6 +32,11 @@ class ConfigError(ControlkitError, ValueError):
     """A configuration with bad keys or values; the message lists every problem."""
 
 
+class OutputError(ControlkitError, OSError):
+    """An output that cannot be written (a read-only or full disk, a path under a file); nothing half-written
+    is left under its name."""
+
+
 class MissingDependencyError(ControlkitError, ImportError):
     """An optional package that a feature needs is not installed; the message gives the install command."""
 
