@@ -28,10 +28,19 @@ from controlkit.controlnet import (
     guess_metadata,
     infer_config,
 )
-from controlkit.errors import CheckpointError, ConfigError, WeightsNotFoundError, preview
+from controlkit.errors import CheckpointError, ConfigError, WeightsNotFoundError, first_line, preview
 from controlkit.files import atomic_path, write_bytes_atomic
-from controlkit.original_format import CONTROL_PREFIX, OriginalLayout, from_original, to_original
-from controlkit.safe_load import read_tensors
+from controlkit.json_files import parse_json_object, read_json_file
+from controlkit.model_config import check_model_config, shown
+from controlkit.original_format import (
+    CONTROL_PREFIX,
+    OriginalLayout,
+    client_support,
+    from_original,
+    is_bgr,
+    to_original,
+)
+from controlkit.safe_load import read_sharded, read_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +100,7 @@ class CheckpointInfo:
     cross_attention_dim: int | None
     conditioning_channels: int
     config_stored: bool
+    clients: str
 
 
 def load_controlnet(
@@ -137,8 +147,9 @@ def _placed(tensor: torch.Tensor, device: torch.device | None, dtype: torch.dtyp
 
 def read_checkpoint(source: str | os.PathLike) -> ReadCheckpoint:
     """Tensors (diffusers names), config and metadata of a ControlNet checkpoint, validated against the config."""
-    from controlkit.weights import resolve_weights
+    from controlkit.weights import resolve_model_name, resolve_weights
 
+    source = resolve_model_name(source, "controlnet")  # demo:canny and the other short names
     path = resolve_weights("ControlNet", source, hint="pass a diffusers folder or a .safetensors/.pth file")
     read = _read_folder(path) if path.is_dir() else _read_file(path)
     if read.config.get("global_pool_conditions") and not read.metadata.global_pooling:
@@ -155,10 +166,12 @@ def _read_folder(path: Path) -> ReadCheckpoint:
     if not config_path.is_file():
         raise WeightsNotFoundError(f"{path} is a folder without config.json; pass a diffusers ControlNet folder "
                                    "or a weights file")
-    config = _json(config_path.read_bytes(), str(config_path))
+    config = read_json_file(config_path)
     class_name = config.get("_class_name", "ControlNetModel")
     if class_name != "ControlNetModel":
-        raise CheckpointError(f"{config_path} describes a {class_name}, not a ControlNetModel")
+        shown_name = class_name[:60] if isinstance(class_name, str) else shown(class_name)
+        raise CheckpointError(f"{config_path} describes a {shown_name}, not a ControlNetModel")
+    check_model_config(config, str(config_path))  # before any tensor is read or any module built
     state_dict, header = _read_folder_weights(folder)
     stored = config.get(CONFIG_METADATA_KEY) or config.get(METADATA_KEY)
     metadata = ConditionMetadata.from_dict(stored) if stored is not None else ConditionMetadata.from_metadata(header)
@@ -169,17 +182,8 @@ def _read_folder(path: Path) -> ReadCheckpoint:
 def _read_folder_weights(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
     index = folder / f"{WEIGHTS_NAME}.index.json"
     if index.is_file():
-        weight_map = _json(index.read_bytes(), str(index)).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no weight_map; the sharded checkpoint is incomplete")
-        shards = sorted(set(weight_map.values()))
-        state_dict: dict[str, Any] = {}
-        header: dict[str, str] = {}
-        for shard in shards:
-            raw = read_tensors(folder / shard)
-            state_dict.update(raw.tensors)
-            header = header or raw.metadata
-        return state_dict, header
+        raw = read_sharded(index)
+        return raw.tensors, raw.metadata
     for name in _FOLDER_WEIGHTS:
         if (folder / name).is_file():
             raw = read_tensors(folder / name)
@@ -193,11 +197,13 @@ def _read_file(path: Path) -> ReadCheckpoint:
     raw = read_tensors(path, keep=lambda key: not key.startswith(_SD_PREFIXES))
     stored_config = None
     if CONFIG_KEY in raw.metadata:
-        stored_config = _json(raw.metadata[CONFIG_KEY], f"{path}: the stored config")
+        stored_config = parse_json_object(raw.metadata[CONFIG_KEY], f"{path}: the stored config")
+        check_model_config(stored_config, f"{path}: the stored config")
     keys = raw.tensors.keys()
     if any(key.startswith((CONTROL_PREFIX, "input_hint_block.")) for key in keys):
         layout = OriginalLayout.from_config(stored_config) if stored_config else None
-        state_dict = from_original(raw.tensors, layout)
+        # original files hold the hint encoder in RGB order, as A1111 and ComfyUI feed it (see original_format)
+        state_dict = from_original(raw.tensors, layout, bgr=bool(stored_config) and is_bgr(stored_config))
         kind = ORIGINAL_FULL if raw.skipped else ORIGINAL
     elif "controlnet_cond_embedding.conv_in.weight" in keys:
         state_dict, kind = raw.tensors, DIFFUSERS_FILE
@@ -205,9 +211,13 @@ def _read_file(path: Path) -> ReadCheckpoint:
         raise CheckpointError(f"{path} is a Stable Diffusion checkpoint without ControlNet weights; pass a "
                               "ControlNet file (control_*.safetensors/.pth or a diffusers ControlNet)")
     else:
-        shown = ", ".join(sorted(keys)[:3])
-        raise CheckpointError(f"{path} is not a ControlNet checkpoint (no conditioning encoder; keys start {shown})")
-    config = stored_config or infer_config(state_dict)
+        first_keys = ", ".join(key[:60] for key in sorted(keys)[:3])
+        raise CheckpointError(f"{path} is not a ControlNet checkpoint (no conditioning encoder; keys start "
+                              f"{first_keys})")
+    config = stored_config
+    if config is None:
+        config = infer_config(state_dict)
+        check_model_config(config, f"{path}: the config its weights imply")
     metadata = ConditionMetadata.from_metadata(raw.metadata)
     return _with_metadata(path, kind, state_dict, config, stored_config is not None, metadata)
 
@@ -231,11 +241,12 @@ def _empty_model(config: dict[str, Any]) -> ControlNetModel:
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel
 
+    check_model_config(config, "the ControlNet config")  # every build passes here: never an unbounded one
     try:
         with init_empty_weights():
             return ControlNetModel.from_config(config)
-    except (TypeError, ValueError, KeyError) as error:
-        raise CheckpointError(f"the stored ControlNet config is invalid ({error})") from None
+    except Exception as error:  # diffusers raises many kinds for values it cannot build (within the bounds)
+        raise CheckpointError(f"the stored ControlNet config is invalid ({first_line(error)[:200]})") from None
 
 
 def _check_against_config(read: ReadCheckpoint) -> None:
@@ -281,12 +292,13 @@ def empty_base_unet(base: str | os.PathLike) -> UNet2DConditionModel:
     config_path = next((p for p in (folder / "unet" / "config.json", folder / "config.json") if p.is_file()), None)
     if config_path is None:
         raise WeightsNotFoundError(f"{base}: no unet/config.json or config.json; pass a diffusers pipeline folder")
+    config = read_json_file(config_path)
+    check_model_config(config, str(config_path), model="U-Net")
     try:
-        config = json.loads(config_path.read_text())
         with init_empty_weights():
             return UNet2DConditionModel.from_config(config)
-    except (json.JSONDecodeError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{config_path} is not a U-Net config ({error})") from None
+    except Exception as error:  # diffusers raises many kinds for values it cannot build (within the bounds)
+        raise CheckpointError(f"{config_path} is not a U-Net config ({first_line(error)[:200]})") from None
 
 
 def _config_from_unet(unet: UNet2DConditionModel, inferred: dict[str, Any]) -> dict[str, Any]:
@@ -327,7 +339,9 @@ def save_controlnet(
     Args:
         directory: the diffusers folder to write (config.json + diffusion_pytorch_model.safetensors); with
             `original=True`, the path of the single .safetensors file to write.
-        original: write the original key format (`control_model.*`) that A1111 and ComfyUI load.
+        original: write the original key format (`control_model.*`) that A1111 and ComfyUI load (a BGR
+            ControlNet's first hint convolution flipped to the RGB they feed; see `original_format`). The name is
+            the caller's: `conversion.convert_controlnet` also checks it carries global pooling for them.
 
     Files are written under a temporary name and renamed, so an interrupted save never leaves a partial file.
     """
@@ -379,14 +393,6 @@ def inspect_checkpoint(source: str | os.PathLike, *, unet: UNet2DConditionModel 
         cross_attention_dim=read.config.get("cross_attention_dim"),
         conditioning_channels=int(read.config.get("conditioning_channels", 3)),
         config_stored=read.config_stored,
+        clients=client_support(read.config).line,
     )
 
-
-def _json(text: str | bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{what} is not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{what} is not a JSON object")
-    return value

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import CheckpointError
+from controlkit.json_files import parse_json_object
+from controlkit.model_config import MAX_LAYERS_PER_BLOCK, MAX_LEVELS
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -160,9 +162,11 @@ class ConditionMetadata:
         for name in ("condition", "preprocessor", "base"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                raise CheckpointError(f"condition metadata: {name} must be a string, got {value!r}")
-        self.global_pooling = bool(self.global_pooling)
-        self.conditional_only = bool(self.conditional_only)
+                raise CheckpointError(f"condition metadata: {name} must be a string, got {type(value).__name__}")
+        for name in ("global_pooling", "conditional_only"):  # bool("false") is True: only real booleans
+            if not isinstance(getattr(self, name), bool):
+                raise CheckpointError(f"condition metadata: {name} must be true or false, got "
+                                      f"{type(getattr(self, name)).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (what config.json stores)."""
@@ -186,10 +190,7 @@ class ConditionMetadata:
         text = (metadata or {}).get(METADATA_KEY)
         if text is None:
             return None
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"condition metadata is not valid JSON ({error})") from None
+        return cls.from_dict(parse_json_object(text, "condition metadata"))
 
 
 def guess_metadata(name: str) -> ConditionMetadata:
@@ -219,32 +220,38 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """
     import math
 
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, rank: int | None) -> tuple[int, ...]:
         if key not in state_dict:
             raise CheckpointError(f"not a complete ControlNet: {key} is missing")
-        return tuple(state_dict[key].shape)
+        found = tuple(state_dict[key].shape)
+        if rank is not None and len(found) != rank:
+            raise CheckpointError(f"not a ControlNet: {key} has shape {found}, a ControlNet's has {rank} dimensions")
+        return found
 
-    def indices(pattern: str) -> set[int]:
+    def indices(pattern: str) -> set[int]:  # patterns take at most 4 digits: a longer index is never converted
         return {int(m.group(1)) for key in state_dict if (m := re.match(pattern, key))}
 
-    levels = max(indices(r"down_blocks\.(\d+)\."), default=-1) + 1
-    layers = max(indices(r"down_blocks\.0\.resnets\.(\d+)\."), default=-1) + 1
+    levels = max(indices(r"down_blocks\.(\d{1,4})\."), default=-1) + 1
+    layers = max(indices(r"down_blocks\.0\.resnets\.(\d{1,4})\."), default=-1) + 1
     if levels == 0 or layers == 0:
         raise CheckpointError("not a complete ControlNet: no down_blocks.*.resnets weights")
-    channels = [shape(f"down_blocks.{level}.resnets.0.conv1.weight")[0] for level in range(levels)]
+    if levels > MAX_LEVELS or layers > MAX_LAYERS_PER_BLOCK:  # before the per-level loops below
+        raise CheckpointError(f"not a ControlNet: its weights name {levels} levels of {layers} layers (at most "
+                              f"{MAX_LEVELS} of {MAX_LAYERS_PER_BLOCK})")
+    channels = [shape(f"down_blocks.{level}.resnets.0.conv1.weight", 4)[0] for level in range(levels)]
     attends = [f"down_blocks.{level}.attentions.0.proj_in.weight" in state_dict for level in range(levels)]
-    depth = [len(indices(rf"down_blocks\.{level}\.attentions\.0\.transformer_blocks\.(\d+)\.")) or 1
+    depth = [len(indices(rf"down_blocks\.{level}\.attentions\.0\.transformer_blocks\.(\d{{1,4}})\.")) or 1
              for level in range(levels)]
-    cross_width = shape(next((k for k in state_dict if k.endswith("attn2.to_k.weight")), "attn2.to_k.weight"))[1]
-    projection = shape(next((k for k in state_dict if k.endswith("proj_in.weight")), "proj_in.weight"))
+    cross_width = shape(next((k for k in state_dict if k.endswith("attn2.to_k.weight")), "attn2.to_k.weight"), 2)[1]
+    projection = shape(next((k for k in state_dict if k.endswith("proj_in.weight")), "proj_in.weight"), None)
     heads = [8] * levels if cross_width == 768 else [max(1, c // 64) for c in channels]
-    hint_in = shape("controlnet_cond_embedding.conv_in.weight")  # (first stage channels, condition channels, 3, 3)
-    hint_blocks = len(indices(r"controlnet_cond_embedding\.blocks\.(\d+)\.weight"))
+    hint_in = shape("controlnet_cond_embedding.conv_in.weight", 4)  # (first stage, condition channels, 3, 3)
+    hint_blocks = len(indices(r"controlnet_cond_embedding\.blocks\.(\d{1,4})\.weight"))
     # blocks alternate a same-width conv and a stride-2 conv that widens: the stages are the widening outputs
     widening = range(1, hint_blocks, 2)
-    stages = [hint_in[0]] + [shape(f"controlnet_cond_embedding.blocks.{j}.weight")[0] for j in widening]
+    stages = [hint_in[0]] + [shape(f"controlnet_cond_embedding.blocks.{j}.weight", 4)[0] for j in widening]
     config: dict[str, Any] = {
-        "in_channels": shape("conv_in.weight")[1],
+        "in_channels": shape("conv_in.weight", 4)[1],
         "conditioning_channels": hint_in[1],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
         "block_out_channels": channels,
@@ -259,8 +266,8 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if "add_embedding.linear_1.weight" in state_dict:
         config["addition_embed_type"] = "text_time"
         config["addition_time_embed_dim"] = 256
-        config["projection_class_embeddings_input_dim"] = shape("add_embedding.linear_1.weight")[1]
+        config["projection_class_embeddings_input_dim"] = shape("add_embedding.linear_1.weight", 2)[1]
     elif "class_embedding.linear_1.weight" in state_dict:
         config["class_embed_type"] = "projection"
-        config["projection_class_embeddings_input_dim"] = shape("class_embedding.linear_1.weight")[1]
+        config["projection_class_embeddings_input_dim"] = shape("class_embedding.linear_1.weight", 2)[1]
     return config

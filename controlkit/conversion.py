@@ -1,6 +1,11 @@
 """Converting a ControlNet between formats: any readable checkpoint in, a diffusers folder or one original-format
 (A1111/ComfyUI) .safetensors file out, with its condition metadata kept or updated.
 
+An original-format file is written for A1111 and ComfyUI, so it is written the way they read it (see
+`controlkit.original_format`): a layout they cannot build is refused unless `force`, a global-pooling (shuffle)
+ControlNet gets a name ending in `_shuffle` (the only way they learn it), and a BGR ControlNet's hint encoder is
+flipped to the RGB they feed. `Converted.notes` says what was done.
+
     >>> from controlkit.conversion import convert_controlnet
     >>> result = convert_controlnet("control_v11p_sd15_canny.pth", "models/", original=True, base="SD1.x")
     >>> result.path, result.tensor_count, result.dtype
@@ -24,12 +29,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Converted:
-    """What `convert_controlnet` wrote: the folder or file, its tensors, their dtype, the metadata stored."""
+    """What `convert_controlnet` wrote: the folder or file, its tensors, their dtype, the metadata stored, whether
+    A1111/ComfyUI can read it ('yes (SD1.x layout)' or 'no: custom layout (...)') and notes on what was adapted for
+    them (original format only)."""
 
     path: Path
     tensor_count: int
     dtype: str
     metadata: ConditionMetadata
+    clients: str = ""
+    notes: tuple[str, ...] = ()
 
 
 def conversion_target(
@@ -66,6 +75,7 @@ def convert_controlnet(
     preprocessor_params: dict[str, Any] | None = None,
     base: str | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> Converted:
     """Read the ControlNet at `source` and write it to `destination` (see `conversion_target`).
 
@@ -77,8 +87,14 @@ def convert_controlnet(
         condition, preprocessor, base: metadata to record instead of the stored values (None keeps them).
         preprocessor_params: parameters to record over the stored ones.
         overwrite: replace an existing destination.
+        force: write an original-format file even for a layout A1111 and ComfyUI cannot load.
+
+    Raises:
+        ConfigError: see `conversion_target`; for the original format also a layout the clients cannot load
+            (without `force`) and a file name that would give them the wrong global pooling. Nothing is written.
     """
     from controlkit.checkpoint import load_controlnet, save_controlnet
+    from controlkit.original_format import client_support, is_bgr
 
     target = conversion_target(source, destination, original=original, overwrite=overwrite)  # before loading
     controlnet, metadata = load_controlnet(source, torch_dtype=torch_dtype)
@@ -86,6 +102,35 @@ def convert_controlnet(
     metadata = replace(metadata, **{key: value for key, value in updates.items() if value is not None})
     if preprocessor_params:
         metadata = replace(metadata, preprocessor_params={**metadata.preprocessor_params, **preprocessor_params})
+    support = client_support(controlnet.config)
+    notes: list[str] = []
+    if original:
+        if not support.readable and not force:
+            raise ConfigError(f"{source}: readable by A1111/ComfyUI: {support.line}; they cannot load it as an "
+                              "original-format file. Pass --force to write it anyway, or use --to diffusers")
+        pooled = metadata.global_pooling or bool(controlnet.config.get("global_pool_conditions"))
+        target = _client_name(target, pooled, derived=Path(destination).is_dir(), overwrite=overwrite)
+        if pooled:
+            notes.append("global pooling: on (the name ends in _shuffle, as A1111 and ComfyUI require)")
+        if is_bgr(controlnet.config):
+            notes.append("hint encoder flipped from BGR to the RGB the clients feed")
     written = save_controlnet(controlnet, target, metadata, original=original)
     dtype = str(next(controlnet.parameters()).dtype).replace("torch.", "")
-    return Converted(path=written, tensor_count=len(controlnet.state_dict()), dtype=dtype, metadata=metadata)
+    return Converted(path=written, tensor_count=len(controlnet.state_dict()), dtype=dtype, metadata=metadata,
+                     clients=support.line, notes=tuple(notes))
+
+
+def _client_name(target: Path, pooled: bool, *, derived: bool, overwrite: bool) -> Path:
+    """The original-format file name, such that A1111 and ComfyUI get the global pooling right: a name this module
+    chose gets `_shuffle` added for a pooled ControlNet; a name the caller gave that would mislead them is refused."""
+    from controlkit.original_format import pooling_name_problem
+
+    problem = pooling_name_problem(target, pooled)
+    if problem is None:
+        return target
+    if not (derived and pooled):
+        raise ConfigError(f"{problem} (nothing was written)")
+    renamed = target.with_name(f"{target.name.rsplit('.', 1)[0]}_shuffle.safetensors")
+    if renamed.exists() and not overwrite:
+        raise ConfigError(f"{renamed} already exists; pass --overwrite to replace it")
+    return renamed

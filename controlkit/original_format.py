@@ -11,6 +11,14 @@ models alike. In the original `ControlNet` module:
   transformer, resnet, and `middle_block_out.0` the middle zero convolution.
 Inside resnets the names differ (`in_layers.0` = norm1, ...); inside transformers they are identical.
 Files hold these keys under `control_model.` (ControlNet 1.0 and 1.1, A1111 extracts) or bare.
+
+What the clients decide for themselves, and how exports keep it:
+- the channel order: A1111 and ComfyUI feed the hint encoder RGB. A diffusers ControlNet configured
+  `controlnet_conditioning_channel_order: bgr` flips its input first, so an original file always holds the first
+  hint convolution in RGB order: `to_original` flips it for a BGR config, `from_original(bgr=True)` flips it back.
+- global pooling (shuffle): both decide it from the file name only (ComfyUI: the name ends `_shuffle` or
+  `_shuffle_fp16`; A1111: it contains `shuffle`), see `pooling_name_problem`.
+- the architecture: both load the SD1.x, SD2.x and SDXL layouts only, see `client_support`.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from controlkit.controlnet import CONDITIONING_STAGES
+from controlkit.controlnet import CONDITIONING_STAGES, base_family
 from controlkit.errors import CheckpointError, preview
+from controlkit.model_config import MAX_CONDITION_STAGES, MAX_LAYERS_PER_BLOCK, MAX_LEVELS
 
 #: Prefix of the ControlNet's keys inside a ControlLDM checkpoint (and in the files A1111 and ComfyUI load).
 CONTROL_PREFIX = "control_model."
@@ -53,6 +63,14 @@ class OriginalLayout:
     hint_blocks: int
     label_embedding: str | None = None
 
+    def __post_init__(self) -> None:  # the key map has levels x layers entries: bound them before building it
+        if not (1 <= self.levels <= MAX_LEVELS and 1 <= self.layers_per_block <= MAX_LAYERS_PER_BLOCK
+                and 0 <= self.hint_blocks <= 2 * (MAX_CONDITION_STAGES - 1)):
+            raise CheckpointError(
+                f"original-format ControlNet with an impossible layout ({self.levels} levels, {self.layers_per_block} "
+                f"layers per block, {self.hint_blocks} hint convolutions); the file is damaged"
+            )
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> OriginalLayout:
         """The layout of a diffusers `ControlNetModel` config."""
@@ -67,9 +85,9 @@ class OriginalLayout:
         elif config.get("class_embed_type"):
             label = "class_embedding"
         embedding_channels = config.get("conditioning_embedding_out_channels") or CONDITIONING_STAGES
-        return cls(
-            levels=len(config["block_out_channels"]),
-            layers_per_block=int(config["layers_per_block"]),
+        return cls(  # a config checked by model_config.check_model_config; missing keys: diffusers' defaults
+            levels=len(config.get("block_out_channels") or (320, 640, 1280, 1280)),
+            layers_per_block=int(config.get("layers_per_block") or 2),
             hint_blocks=2 * (len(embedding_channels) - 1),
             label_embedding=label,
         )
@@ -78,11 +96,13 @@ class OriginalLayout:
     def from_original_keys(cls, keys: Iterable[str]) -> OriginalLayout:
         """The layout of bare original keys, read from which input blocks exist and which hold a downsampler."""
         keys = list(keys)
-        blocks = {int(m.group(1)) for key in keys if (m := re.match(r"input_blocks\.(\d+)\.", key))}
+        # indices of at most 4 digits (a key with more is left to the unknown-keys message, never converted)
+        blocks = {int(m.group(1)) for key in keys if (m := re.match(r"input_blocks\.(\d{1,4})\.", key))}
         downsamplers = sorted(
-            int(m.group(1)) for key in keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", key))
+            int(m.group(1)) for key in keys if (m := re.match(r"input_blocks\.(\d{1,4})\.0\.op\.weight$", key))
         )
-        hint_convs = {int(m.group(1)) for key in keys if (m := re.match(r"input_hint_block\.(\d+)\.weight$", key))}
+        hint_convs = {int(m.group(1)) for key in keys
+                      if (m := re.match(r"input_hint_block\.(\d{1,4})\.weight$", key))}
         if not blocks or not hint_convs:
             raise CheckpointError("not an original-format ControlNet: no input_blocks or input_hint_block keys")
         count = max(blocks) + 1  # conv_in, layers_per_block per level, a downsampler between levels
@@ -171,24 +191,129 @@ def _rename_resnet(rest: str, reverse: bool) -> str:
     raise CheckpointError(f"unknown resnet parameter {rest!r}")
 
 
+#: The hint encoder's first convolution, (stage channels, condition channels, 3, 3): the one that sees the colours.
+HINT_INPUT = "controlnet_cond_embedding.conv_in.weight"
+
+
+def is_bgr(config: Mapping[str, Any]) -> bool:
+    """Whether a diffusers ControlNet config flips its condition from RGB to BGR before the hint encoder."""
+    return config.get("controlnet_conditioning_channel_order") == "bgr"
+
+
 def to_original(state_dict: Mapping[str, Any], config: Mapping[str, Any], *, prefix: str = CONTROL_PREFIX) -> dict:
-    """A diffusers ControlNet state dict as original keys (`control_model.` prefixed by default); same tensors."""
+    """A diffusers ControlNet state dict as original keys (`control_model.` prefixed by default); the same tensors,
+    except the first hint convolution of a BGR config, flipped to the RGB order the clients feed."""
     names = diffusers_to_original_keys(state_dict, OriginalLayout.from_config(config))
-    return {prefix + names[key]: tensor for key, tensor in state_dict.items()}
+    flip = is_bgr(config)
+    return {prefix + names[key]: tensor.flip(1) if flip and key == HINT_INPUT else tensor
+            for key, tensor in state_dict.items()}
 
 
-def from_original(state_dict: Mapping[str, Any], layout: OriginalLayout | None = None) -> dict:
+def from_original(state_dict: Mapping[str, Any], layout: OriginalLayout | None = None, *, bgr: bool = False) -> dict:
     """Original keys (with or without `control_model.`) as a diffusers state dict; same tensors.
 
     Args:
         state_dict: only ControlNet keys (the caller drops the SD model's keys of a 1.0 full checkpoint).
         layout: the layout, when the config is known; inferred from the keys otherwise.
+        bgr: the model's config reads BGR: flip the (RGB-order) first hint convolution back, undoing `to_original`.
     """
     bare = {_strip(key): tensor for key, tensor in state_dict.items()}
     layout = layout or OriginalLayout.from_original_keys(bare)
     names = original_to_diffusers_keys(bare, layout)
-    return {names[key]: tensor for key, tensor in bare.items()}
+    converted = {names[key]: tensor for key, tensor in bare.items()}
+    if bgr and HINT_INPUT in converted:
+        converted[HINT_INPUT] = converted[HINT_INPUT].flip(1)
+    return converted
 
 
 def _strip(key: str) -> str:
     return key[len(CONTROL_PREFIX):] if key.startswith(CONTROL_PREFIX) else key
+
+
+# -- what A1111 and ComfyUI can read -------------------------------------------------------------------------------
+
+_SD_TYPES = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+_SD_LAYOUT = {"channels": [320, 640, 1280, 1280], "layers per block": 2, "block types": _SD_TYPES,
+              "transformer depth": [1, 1, 1, 0], "latent channels": 4, "condition channels": 3,
+              "hint encoder": list(CONDITIONING_STAGES), "added embedding": None}
+#: The layouts both clients build (their model configs are fixed per family; they read no diffusers config).
+STANDARD_LAYOUTS: dict[str, dict[str, Any]] = {
+    "SD1.x": {**_SD_LAYOUT, "linear projection": False},
+    "SD2.x": {**_SD_LAYOUT, "linear projection": True},
+    "SDXL": {**_SD_LAYOUT, "channels": [320, 640, 1280], "block types": ["DownBlock2D"] + _SD_TYPES[:2],
+             "transformer depth": [0, 2, 10], "added embedding": ["text_time", 2816], "linear projection": True},
+}
+
+
+@dataclass(frozen=True)
+class ClientSupport:
+    """Whether A1111 and ComfyUI can load a ControlNet as an original-format file.
+
+    Attributes:
+        readable: True for the SD1.x, SD2.x and SDXL layouts.
+        line: 'yes (SD1.x layout)' or 'no: custom layout (...)', for messages and `controlkit info`.
+    """
+
+    readable: bool
+    line: str
+
+
+def client_support(config: Mapping[str, Any]) -> ClientSupport:
+    """Whether A1111 and ComfyUI can read this ControlNet (a config checked by `check_model_config`) exported to
+    the original format: its layout must be one of STANDARD_LAYOUTS, value for value."""
+    family = base_family(config)
+    ours = _layout(config)
+    expected = STANDARD_LAYOUTS.get(family)
+    if expected is not None:
+        differing = [name for name in expected if ours[name] != expected[name]]
+        if not differing:
+            return ClientSupport(True, f"yes ({family} layout)")
+        name = differing[0]
+        return ClientSupport(False, f"no: custom layout ({family} but {name} {_text(ours[name])}; the clients "
+                                    f"build {_text(expected[name])})")
+    layers = ours["layers per block"]
+    return ClientSupport(False, f"no: custom layout (cross-attention {config.get('cross_attention_dim')}, channels "
+                                f"{_text(ours['channels'])}, {layers} layer{'s' if layers != 1 else ''} per block)")
+
+
+def _layout(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The shape-deciding values of a ControlNet config, in STANDARD_LAYOUTS' terms (missing keys: defaults)."""
+    channels = list(config.get("block_out_channels") or (320, 640, 1280, 1280))
+    types = list(config.get("down_block_types") or _SD_TYPES)
+    depth = config.get("transformer_layers_per_block") or 1
+    depth = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(channels)
+    added = config.get("addition_embed_type") or config.get("class_embed_type")
+    return {
+        "channels": channels, "layers per block": config.get("layers_per_block") or 2, "block types": types,
+        "transformer depth": [d if "CrossAttn" in t else 0 for d, t in zip(depth, types)],
+        "latent channels": config.get("in_channels") or 4, "condition channels": config.get("conditioning_channels") or 3,
+        "hint encoder": list(config.get("conditioning_embedding_out_channels") or CONDITIONING_STAGES),
+        "added embedding": [added, config.get("projection_class_embeddings_input_dim")] if added else None,
+        "linear projection": bool(config.get("use_linear_projection")),
+    }
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return "/".join(str(v) for v in value)
+    return str(value)
+
+
+#: File name endings with which ComfyUI turns global pooling on (comfy/controlnet.py); A1111 needs 'shuffle' in it.
+POOLED_ENDINGS = ("_shuffle", "_shuffle_fp16")
+
+
+def pooling_name_problem(path: str | Path, pooled: bool) -> str | None:
+    """Why A1111 or ComfyUI would get this ControlNet's global pooling wrong from the file name, or None.
+
+    Both decide pooling (ControlNet 1.1 shuffle) from the name alone: ComfyUI pools when the name (without its
+    extension) ends in `_shuffle` or `_shuffle_fp16`, A1111 when it contains `shuffle` anywhere.
+    """
+    stem = Path(path).name.rsplit(".", 1)[0]
+    if pooled and not stem.endswith(POOLED_ENDINGS):
+        return (f"{Path(path).name}: this ControlNet pools its residuals (shuffle), and A1111 and ComfyUI pool only a "
+                f"file whose name ends in _shuffle; name it e.g. {stem}_shuffle.safetensors")
+    if not pooled and "shuffle" in stem.lower():
+        return (f"{Path(path).name}: the name contains 'shuffle', so A1111 and ComfyUI would pool the residuals of "
+                "this ControlNet, which does not pool; choose a name without 'shuffle'")
+    return None

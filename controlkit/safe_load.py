@@ -10,7 +10,13 @@ Pickles are read only by `torch.load(weights_only=True)`, passed explicitly so t
 (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) cannot turn it off, never with a custom pickle_module, never retried without it.
 Old Lightning `.ckpt` files name a few harmless classes (the ModelCheckpoint callback, numpy scalars and dtypes);
 those names are bound to inert local stand-ins so the weights still load, and the real classes are never imported.
-Anything else outside torch's allowlist is refused with UnsafeCheckpointError naming the globals it would need.
+Anything else outside torch's allowlist is refused with UnsafeCheckpointError naming the globals it would need (or
+the pickle instructions the weights-only reader does not run), found by `pickle_scan` without running anything;
+torch's own advice to retry with weights_only=False is never repeated.
+
+Everything read from a file before it is trusted is bounded first: JSON documents (configs, indexes, headers) by
+size, nesting and type (`controlkit.json_files`), safetensors headers entry by entry (types, offsets,
+tensor count) before the safetensors reader or anything else allocates from them.
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
-from controlkit.errors import CheckpointError, UnsafeCheckpointError, first_line
+from controlkit.errors import CheckpointError, UnsafeCheckpointError, preview
+from controlkit.json_files import parse_json_object, read_json_file
 
 if TYPE_CHECKING:
     import torch
@@ -35,8 +43,10 @@ SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch zip"
 TORCH_PICKLE = "legacy torch pickle"
 
-#: The safetensors parser refuses larger headers; checking first gives our message instead of its.
-SAFETENSORS_HEADER_LIMIT = 100_000_000
+#: Largest safetensors header read: a full SDXL checkpoint's is under 1 MB; 32 MiB holds MAX_TENSORS entries.
+SAFETENSORS_HEADER_LIMIT = 32 * 2**20
+#: Most tensors one file or index may name: a full SDXL checkpoint with EMA has about 5,000.
+MAX_TENSORS = 100_000
 #: Torch versions before this one can run code even with weights_only=True (CVE-2025-32434).
 MIN_SAFE_TORCH = (2, 6)
 
@@ -128,6 +138,50 @@ def read_tensors(path: str | os.PathLike, keep: Callable[[str], bool] | None = N
     return raw
 
 
+def read_sharded(index: str | os.PathLike) -> RawCheckpoint:
+    """All tensors of a sharded checkpoint from its `*.safetensors.index.json`, on the CPU (metadata: the first
+    shard's).
+
+    The index is untrusted: its weight_map must map tensor names to plain file names next to it (no folder, no
+    '..', no absolute path: nothing outside the folder is ever opened), and every tensor it lists must be in its
+    shard.
+
+    Raises:
+        CheckpointError: a damaged index (see `json_files`), a shard outside the folder or of the wrong JSON type,
+            a shard that lacks a tensor the index lists, or anything `read_tensors` refuses.
+    """
+    index = Path(index)
+    weight_map = read_json_file(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map; the sharded checkpoint is incomplete")
+    if len(weight_map) > MAX_TENSORS:
+        raise CheckpointError(f"{index} lists {len(weight_map):,} tensors, more than the {MAX_TENSORS:,} accepted")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: weight_map entry {tensor[:60]!r} is {_shown(shard)}, not a shard file "
+                                  "name")
+        if not _plain_file_name(shard):
+            raise CheckpointError(f"{index}: weight_map names the shard {_shown(shard)}, which is not a file next to "
+                                  "the index; shards must be plain file names in the same folder (nothing was read)")
+    tensors: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        raw = read_tensors(index.parent / shard)
+        missing = sorted(t for t, s in weight_map.items() if s == shard and t not in raw.tensors)
+        if missing:
+            raise CheckpointError(f"{index} lists {len(missing)} tensors that {shard} does not hold "
+                                  f"({preview(missing)}); the sharded checkpoint is incomplete")
+        tensors.update(raw.tensors)
+        metadata = metadata or raw.metadata
+    return RawCheckpoint(index, SAFETENSORS, tensors, metadata)
+
+
+def _plain_file_name(name: str) -> bool:
+    """A name that stays inside its folder: one path component, not '.' or '..', no drive or separator."""
+    return bool(name) and name not in (".", "..") and "\0" not in name and (
+        PurePosixPath(name).name == name == PureWindowsPath(name).name)
+
+
 def _read_safetensors(path: Path, keep: Callable[[str], bool]) -> RawCheckpoint:
     from safetensors import SafetensorError, safe_open
 
@@ -154,25 +208,56 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _check_safetensors_size(path: Path) -> None:
-    """Compare the file size with what its header describes, so a cut download says 'truncated'."""
+    """Read and check the header before the safetensors reader allocates from it: every entry's type, its offsets,
+    the tensor count, and the file size it describes (so a cut download says 'truncated')."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         (header_length,) = struct.unpack("<Q", handle.read(8))
         if header_length > SAFETENSORS_HEADER_LIMIT:
-            raise CheckpointError(f"{path} is not a valid safetensors file (header length {header_length})")
+            raise CheckpointError(f"{path} is not a valid safetensors file (header length {header_length:,} bytes, "
+                                  f"at most {SAFETENSORS_HEADER_LIMIT:,} are read)")
         if size < 8 + header_length:
             raise CheckpointError(f"{path} is truncated ({size} bytes, its header alone is {8 + header_length})")
-        try:
-            header = json.loads(handle.read(header_length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is a corrupt safetensors file (its header is not JSON)") from None
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"
-            if isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+        header = parse_json_object(handle.read(header_length), f"{path}: the safetensors header")
+    if len(header) > MAX_TENSORS + 1:
+        raise CheckpointError(f"{path}: the safetensors header names {len(header):,} tensors, more than the "
+                              f"{MAX_TENSORS:,} accepted; it is not a model checkpoint")
+    ends = [_entry_end(path, name, entry) for name, entry in header.items()]
     expected = 8 + header_length + max(ends, default=0)
     if size < expected:
         raise CheckpointError(
             f"{path} is truncated: {size} bytes, its header describes {expected}; download it again"
         )
+
+
+def _entry_end(path: Path, name: str, entry: Any) -> int:
+    """Where one header entry's data ends; raises on an entry of the wrong JSON types."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: the safetensors header entry {name[:60]!r} {what}; the file is damaged "
+                               "or was not written by a safetensors writer")
+
+    if name == "__metadata__":
+        if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+            raise bad("must map strings to strings")
+        return 0
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        raise bad("must be an object with a string dtype")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_count(n) for n in shape):
+        raise bad(f"has shape {_shown(shape)}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(n) for n in offsets) or (
+            offsets[0] > offsets[1]):
+        raise bad(f"has data_offsets {_shown(offsets)}, not [begin, end] with 0 <= begin <= end")
+    return offsets[1]
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_pickle(path: Path, kind: str, keep: Callable[[str], bool]) -> RawCheckpoint:
@@ -182,19 +267,15 @@ def _read_pickle(path: Path, kind: str, keep: Callable[[str], bool]) -> RawCheck
     if kind == TORCH_ZIP:
         _check_torch_zip(path)
     size = path.stat().st_size
-    with torch.serialization.safe_globals(_inert_stand_ins()):
+    # torch warns about pickle protocols it may not read; the refusal below says it in one line instead
+    with torch.serialization.safe_globals(_inert_stand_ins()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == TORCH_ZIP)
         except pickle.UnpicklingError as error:
-            needed = _unsafe_globals(path, kind, error)
-            if needed:
-                raise UnsafeCheckpointError(
-                    f"{path} was refused: unpickling it would need {', '.join(needed)}, which is outside the "
-                    "weights-only allowlist (nothing from it was run); use a .safetensors version of the checkpoint"
-                ) from None
-            raise CheckpointError(f"{path} is corrupt or truncated ({size} bytes): {first_line(error)}") from None
-        except (EOFError, RuntimeError, OSError, ValueError, struct.error) as error:
-            raise CheckpointError(f"{path} is corrupt or truncated ({size} bytes): {first_line(error)}") from None
+            raise _refusal(path, kind, size, error) from None
+        except Exception as error:  # torch.load on damaged bytes raises nearly anything (IndexError, KeyError, ...)
+            raise CheckpointError(f"{path} is corrupt or truncated ({size} bytes): {_reason(error)}") from None
     tensors, skipped = _tensors_of(loaded, keep)
     return RawCheckpoint(path, kind, tensors, {}, skipped)
 
@@ -213,26 +294,64 @@ def _require_safe_torch(path: Path) -> None:
 def _check_torch_zip(path: Path) -> None:
     """A torch zip has its central directory at the end: a cut download loses it first."""
     size = path.stat().st_size
-    if not zipfile.is_zipfile(path):
+    try:
+        complete = zipfile.is_zipfile(path)
+        if complete:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+    except Exception:  # zipfile raises many kinds on damaged bytes (BadZipFile, NotImplementedError, struct.error)
+        complete = False
+    if not complete:
         raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes, the zip archive is incomplete)")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
     if len(pickles) != 1:
         raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint")
 
 
-def _unsafe_globals(path: Path, kind: str, error: Exception) -> list[str]:
-    """The globals a refused pickle needs, found without executing it."""
-    import torch
+#: Globals in torch's weights-only allowlist (besides torch's own) that plain torch.save checkpoints use.
+_ALLOWLISTED = ("collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.bytearray",
+                "builtins.set", "builtins.complex")
 
-    if kind == TORCH_ZIP:
-        try:
-            found = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:  # a damaged archive: fall back to the name in torch's message
-            found = []
-        if found:
-            return found
-    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error))))
+
+def _refusal(path: Path, kind: str, size: int, error: Exception) -> CheckpointError:
+    """Why the weights-only unpickler refused a file, from a static scan of its pickle (nothing is run): the
+    globals it would need, the instructions it uses that the reader does not run, or the damage."""
+    from controlkit.pickle_scan import scan_checkpoint
+
+    scan = scan_checkpoint(path, zipped=kind == TORCH_ZIP)
+    # torch names the global it stopped at, builtins without their module
+    named = {name if "." in name else f"builtins.{name}" for name in re.findall(r"GLOBAL ([\w.]+)", str(error))}
+    needed = sorted(named | {name for name in scan.globals if not _allowlisted(name)})
+    advice = "(nothing from it was run); use a .safetensors version of the checkpoint"
+    if scan.cut:  # a cut file: the name torch stopped at may itself be cut short
+        return CheckpointError(f"{path} is corrupt or truncated ({size} bytes): its pickle data {scan.damage}; "
+                               "download it again")
+    if needed:
+        return UnsafeCheckpointError(f"{path} was refused as unsafe: unpickling it would need {preview(needed, 5)}, "
+                                     f"which is outside the weights-only allowlist {advice}")
+    if scan.unsupported:
+        return UnsafeCheckpointError(
+            f"{path} was refused as unsafe: its pickle (protocol {scan.protocol}) uses {preview(scan.unsupported)}, "
+            f"instructions the weights-only reader does not run {advice}"
+        )
+    if scan.damage:
+        return CheckpointError(f"{path} is corrupt or truncated ({size} bytes): its pickle data {scan.damage}; "
+                               "download it again")
+    return UnsafeCheckpointError(f"{path} was refused as unsafe: the weights-only reader rejected its pickle "
+                                 f"({_reason(error)}) {advice}")
+
+
+def _allowlisted(name: str) -> bool:
+    return name.startswith("torch.") or name in _ALLOWLISTED or name in _HARMLESS_GLOBALS
+
+
+def _reason(error: Exception) -> str:
+    """A library's message for a one-line report, without torch's advice to load the file unsafely."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not re.search(r"weights_only|Weights only load failed|trust|add_safe_globals"
+                                                     r"|documentation of torch\.load|file an issue", line)]
+    if lines:
+        return lines[0][:200]
+    return "the data ends early" if isinstance(error, EOFError) else type(error).__name__
 
 
 def _tensors_of(loaded: Any, keep: Callable[[str], bool]) -> tuple[dict[str, Any], int]:

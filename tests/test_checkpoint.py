@@ -322,7 +322,8 @@ def test_malicious_pickle_never_runs(tmp_path, monkeypatch, force_unsafe_env):
     if force_unsafe_env:
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     for name in ("raw.pth", "zip.ckpt", "legacy.pt"):
-        with pytest.raises(UnsafeCheckpointError, match=r"refused: unpickling it would need (builtins\.)?exec,"):
+        with pytest.raises(UnsafeCheckpointError,
+                           match=r"refused as unsafe: unpickling it would need (builtins\.)?exec,"):
             load_controlnet(tmp_path / name)
     with pytest.raises(CheckpointError, match="disguised pickle"):
         load_controlnet(tmp_path / "disguised.safetensors")

@@ -45,16 +45,27 @@ def test_info_reports_format_metadata_size_and_base(files, capsys):
     assert "condition:           canny" in out
     assert "893,488 in 128 tensors (float32)" in out
     assert "custom U-Nets with cross-attention width 32" in out
+    assert ("readable as an original-format file: no: custom layout (cross-attention 32, channels 32/64, 1 layer "
+            "per block)") in out
     status, out, _ = _run(capsys, "info", files / "canny", "--json")
     data = json.loads(out)
     assert status == 0 and data["parameter_count"] == 893_488 and data["metadata"]["preprocessor"] == "canny"
+    assert data["clients"].startswith("no: custom layout")
+
+
+def test_convert_to_original_refuses_a_layout_the_clients_cannot_load(files, tmp_path, capsys):
+    target = tmp_path / "control_canny.safetensors"
+    status, out, err = _run(capsys, "convert", files / "canny", target, "--to", "original")
+    assert status == 1 and out == "" and err.count("\n") == 1
+    assert "readable by A1111/ComfyUI: no: custom layout" in err and "--force" in err and not target.exists()
 
 
 def test_convert_to_original_and_back_is_bitwise_and_records_metadata(files, tmp_path, capsys):
     original = tmp_path / "control_canny.safetensors"
     status, out, err = _run(capsys, "convert", files / "canny", original, "--to", "original",
-                            "--set", "low_threshold=50", "--base", "SD1.x")
+                            "--set", "low_threshold=50", "--base", "SD1.x", "--force")
     assert status == 0 and err == "" and f"wrote {original}" in out
+    assert "readable by A1111/ComfyUI: no: custom layout (cross-attention 32, channels 32/64, 1 layer per block)" in out
     with safe_open(str(original), "pt") as reader:
         assert all(key.startswith("control_model.") for key in reader.keys())
         meta = json.loads(reader.metadata()["controlkit"])
@@ -69,7 +80,8 @@ def test_convert_to_original_and_back_is_bitwise_and_records_metadata(files, tmp
 
 
 def test_convert_half_precision_into_a_folder_destination(files, tmp_path, capsys):
-    status, out, _ = _run(capsys, "convert", files / "canny", tmp_path, "--to", "original", "--dtype", "float16")
+    status, out, _ = _run(capsys, "convert", files / "canny", tmp_path, "--to", "original", "--dtype", "float16",
+                          "--force")
     written = tmp_path / "canny.safetensors"
     assert status == 0 and "float16" in out
     assert all(t.dtype == torch.float16 for t in load_file(written).values())
@@ -119,7 +131,7 @@ def test_convert_refuses_to_overwrite_and_bad_destinations(files, tmp_path, caps
     assert status == 1 and "--overwrite" in err and target.read_bytes() == b"keep me"
     status, _, err = _run(capsys, "convert", files / "canny", tmp_path / "model.pth", "--to", "original")
     assert status == 1 and "ending in .safetensors" in err
-    status, _, _ = _run(capsys, "convert", files / "canny", target, "--to", "original", "--overwrite")
+    status, _, _ = _run(capsys, "convert", files / "canny", target, "--to", "original", "--overwrite", "--force")
     assert status == 0 and len(load_file(target)) == 128
 
 

@@ -10,7 +10,9 @@ from controlkit.controlnet import ConditionMetadata, build_controlnet, infer_con
 from controlkit.errors import CheckpointError
 from controlkit.original_format import (
     CONTROL_PREFIX,
+    ClientSupport,
     OriginalLayout,
+    client_support,
     diffusers_to_original_keys,
     from_original,
     to_original,
@@ -187,3 +189,59 @@ def test_full_size_sd15_round_trip_and_diffusers_single_file_parity(tmp_path):
     controlnet.save_config(tmp_path / "config")
     theirs = ControlNetModel.from_single_file(str(exported), config=str(tmp_path / "config"), local_files_only=True)
     assert all(torch.equal(value, reference[key]) for key, value in theirs.state_dict().items())
+
+
+# -- what A1111 and ComfyUI read -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family, expected", [("sd15", "yes (SD1.x layout)"), ("sd21", "yes (SD2.x layout)"),
+                                              ("sdxl", "yes (SDXL layout)")])
+def test_standard_layouts_are_readable_by_the_clients(family, expected):
+    _, config = _meta_state_dict(FAMILIES[family])
+    assert client_support(config) == ClientSupport(True, expected)
+    assert not client_support({**config, "conditioning_channels": 1}).readable
+
+
+def test_other_layouts_are_named_custom(tiny):
+    controlnet, _ = tiny
+    assert client_support(controlnet.config).line == (
+        "no: custom layout (cross-attention 32, channels 32/64/64, 2 layers per block)")
+    _, config = _meta_state_dict(SD15)
+    assert client_support({**config, "layers_per_block": 1}).line == (
+        "no: custom layout (SD1.x but layers per block 1; the clients build 2)")
+
+
+def test_a_bgr_controlnet_is_exported_for_clients_that_feed_rgb(tiny, tmp_path):
+    """The exported file, read the way A1111 and ComfyUI read it (no config: RGB in, no flip), gives the residuals
+    the BGR diffusers model gives for the same RGB image; our own reader restores the BGR model bit for bit."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    from controlkit.checkpoint import load_controlnet
+
+    controlnet, _ = tiny
+    config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
+    bgr = ControlNetModel.from_config({**config, "controlnet_conditioning_channel_order": "bgr"}).eval()
+    bgr.load_state_dict(controlnet.state_dict())
+    path = save_controlnet(bgr, tmp_path / "bgr.safetensors", ConditionMetadata(), original=True)
+    as_clients_read = ControlNetModel.from_config(config).eval()  # rgb: what a client builds
+    as_clients_read.load_state_dict(from_original(load_file(path)))
+    rgb_image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    expected = _residuals(bgr, rgb_image)
+    assert _relative_error(_residuals(as_clients_read, rgb_image), expected) < 1e-5
+    assert _relative_error(_residuals(controlnet.eval(), rgb_image), expected) > 1e-2  # unflipped: off
+    back, _ = load_controlnet(path)
+    assert back.config.controlnet_conditioning_channel_order == "bgr"
+    assert all(torch.equal(back.state_dict()[key], value) for key, value in bgr.state_dict().items())
+
+
+def _relative_error(ours, reference):
+    return float((ours - reference).abs().max() / reference.abs().max())
+
+
+def _residuals(model, image):
+    generator = torch.Generator().manual_seed(3)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 5, 32, generator=generator)
+    with torch.no_grad():
+        down, mid = model(sample, torch.tensor([99]), text, controlnet_cond=image, return_dict=False)
+    return torch.cat([r.flatten() for r in (*down, mid)])

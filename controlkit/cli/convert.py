@@ -13,6 +13,11 @@ EPILOG = """examples:
   controlkit convert canny-diffusers control_canny.safetensors --to original --dtype float16
   controlkit convert my-controlnet/ my_depth.safetensors --to original --condition depth --preprocessor depth
   controlkit convert control_sd15_openpose.pth openpose/ --to diffusers --set detect_resolution=512
+  controlkit convert tiny-controlnet/ tiny.safetensors --to original --force   # a layout A1111/ComfyUI cannot load
+
+--to original writes what A1111 and ComfyUI read: only the SD1.x, SD2.x and SDXL layouts (others need --force),
+a shuffle (global pooling) ControlNet under a name ending in _shuffle (they decide pooling from the name), and a
+BGR ControlNet's hint encoder flipped to the RGB they feed.
 """
 
 DTYPES = ("keep", *DTYPE_NAMES)
@@ -40,6 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", help="base model or family it was trained on, e.g. SD1.x")
     parser.add_argument("--dtype", choices=DTYPES, default="keep", help="tensor type of the output")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="--to original: write a layout A1111 and ComfyUI cannot load (only controlkit and "
+                        "diffusers read it)")
     parser.set_defaults(run=run)
 
 
@@ -52,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
         args.source, args.destination, original=args.to == "original",
         torch_dtype=None if args.dtype == "keep" else torch_dtype(args.dtype), condition=args.condition,
         preprocessor=args.preprocessor, preprocessor_params=params, base=args.base, overwrite=args.overwrite,
+        force=args.force,
     )
-    print(f"wrote {result.path} ({args.to} format, {result.tensor_count} tensors, {result.dtype}, "
-          f"condition: {result.metadata.condition})")
+    line = (f"wrote {result.path} ({args.to} format, {result.tensor_count} tensors, {result.dtype}, "
+            f"condition: {result.metadata.condition})")
+    if args.to == "original":
+        line += "; " + "; ".join((f"readable by A1111/ComfyUI: {result.clients}", *result.notes))
+    print(line)
     return 0

@@ -21,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="show a ControlNet checkpoint's format, condition metadata, size and base",
         description="Read a ControlNet checkpoint (without running code from it), check its keys and shapes, and "
-        "print its format, condition metadata, parameter count, dtype and the base model family it fits.",
+        "print its format, condition metadata, parameter count, dtype, the base model family it fits and whether "
+        "A1111 and ComfyUI can load it (SD1.x, SD2.x and SDXL layouts only).",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         ("checkpoint", str(info.path)),
         ("format", info.format),
         ("fits", _fits(info.family, info.cross_attention_dim)),
+        ("A1111/ComfyUI", f"readable as an original-format file: {info.clients}"),
         ("parameters", f"{info.parameter_count:,} in {info.tensor_count} tensors ({info.dtype})"),
         ("condition", (meta.condition or "none recorded") + origin),
         ("preprocessor", meta.preprocessor or "none recorded"),
