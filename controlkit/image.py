@@ -2,7 +2,13 @@
 
 Every input image (a path, bytes, a PIL image, a numpy array or a torch tensor; any PIL mode; 8 or 16 bit;
 EXIF-rotated; with or without alpha) goes through `load_image`, which returns RGB uint8 of shape (H, W, 3).
-Transparent pixels are composited over white, as the reference annotators' `HWC3` does.
+Transparent pixels are composited over white, as the reference annotators' `HWC3` does. Whatever goes wrong while
+reading one (a decoder's own exception, a corrupt EXIF block, too little memory) is one `ImageError` line naming it.
+
+Every working image is bounded before it is allocated: an input by its pixels (`max_image_pixels`), and an image
+that a resize helper or a caller (a preprocessor's detect size, `generate`'s control images) is about to make by
+`check_working_size` (the same pixel cap, and at most `MAX_ASPECT_RATIO` : 1, since resizing a thin strip to a
+short side multiplies its pixels: 512x1 at 512 would be 262144x512).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from controlkit.errors import ImageError
+from controlkit.errors import ImageError, first_line
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, Any]
 
@@ -26,6 +32,10 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 #: with the CONTROLKIT_MAX_IMAGE_PIXELS environment variable.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+#: The longest side of a working image over its shortest. Beyond it the reference resize (short side to the
+#: detect resolution) turns a few pixels into gigabytes; panoramas up to 16:1 pass.
+MAX_ASPECT_RATIO = 16
+_METADATA_BYTES = 64 * 2**20  # room for metadata (EXIF, ICC, text chunks) in a file at the pixel cap
 
 
 def max_image_pixels() -> int:
@@ -56,20 +66,52 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> np.ndarr
             unsupported format, too many pixels, unsupported array shape or range).
     """
     limit = max_image_pixels() if max_pixels is None else max_pixels
+    name = image_name(source)
+    try:
+        return _load(source, name, limit)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"{name}: not enough memory to decode this image; resize it or free memory") from None
+    except Exception as error:  # any decoder's own failure (EXIF parsing: struct.error, TypeError, ...) is this file's
+        raise ImageError(f"{name}: truncated or corrupt image ({type(error).__name__}: {first_line(error)})") from None
+
+
+def image_name(source: ImageInput) -> str:
+    """How messages name an image input: its path, or '<bytes>', '<PIL image>', '<tensor>', '<array>'."""
     if isinstance(source, (str, os.PathLike)):
-        return _pil_to_rgb(_open_file(Path(source), limit), str(source))
+        return str(source)
     if isinstance(source, (bytes, bytearray)):
-        return _pil_to_rgb(_open_stream(io.BytesIO(source), "<bytes>", limit), "<bytes>")
+        return "<bytes>"
     if isinstance(source, Image.Image):
-        _check_pixels(source.size, "<PIL image>", limit)
-        return _pil_to_rgb(ImageOps.exif_transpose(source), "<PIL image>")
+        return "<PIL image>"
     if hasattr(source, "detach") and hasattr(source, "cpu"):
-        return _array_to_rgb(_tensor_to_hwc(source), "<tensor>", limit)
+        return "<tensor>"
+    return "<array>"
+
+
+def _load(source: ImageInput, name: str, limit: int) -> np.ndarray:
+    if isinstance(source, (str, os.PathLike)):
+        return _pil_to_rgb(_open_file(Path(source), limit), name)
+    if isinstance(source, (bytes, bytearray)):
+        return _pil_to_rgb(_open_stream(io.BytesIO(source), name, limit), name)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, name, limit)
+        return _pil_to_rgb(_transpose(source), name)
+    if hasattr(source, "detach") and hasattr(source, "cpu"):
+        return _array_to_rgb(_tensor_to_hwc(source, limit), name, limit)
     if isinstance(source, np.ndarray):
-        return _array_to_rgb(source, "<array>", limit)
+        return _array_to_rgb(source, name, limit)
     raise ImageError(
         f"`image` must be a path, bytes, PIL image, numpy array or tensor, but got {type(source).__name__}"
     )
+
+
+def _transpose(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; PIL's warnings about damaged EXIF are not the user's to read (the pixels are)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ImageOps.exif_transpose(image)
 
 
 def _open_file(path: Path, limit: int) -> Image.Image:
@@ -77,10 +119,17 @@ def _open_file(path: Path, limit: int) -> Image.Image:
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
-    with open(path, "rb") as handle:
-        return _open_stream(io.BytesIO(handle.read()), str(path), limit)
+    if size > 8 * limit + _METADATA_BYTES:  # more than 16-bit RGBA at the pixel cap: not read into memory
+        raise ImageError(f"{path}: {size} bytes, more than an image within the limit of {limit} pixels can hold")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise ImageError(f"{path}: cannot be read ({error.strerror or error})") from None
+    return _open_stream(io.BytesIO(data), str(path), limit)
 
 
 def _open_stream(stream: io.BytesIO, name: str, limit: int) -> Image.Image:
@@ -89,6 +138,7 @@ def _open_stream(stream: io.BytesIO, name: str, limit: int) -> Image.Image:
         raise ImageError(f"{name}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's notes on damaged metadata; a real failure raises
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(stream, formats=ALLOWED_FORMATS)
             _check_pixels(image.size, name, limit)
@@ -102,7 +152,7 @@ def _open_stream(stream: io.BytesIO, name: str, limit: int) -> Image.Image:
         raise ImageError(f"{name}: {_describe_non_image(head)}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageError(f"{name}: truncated or corrupt image ({error})") from None
-    return ImageOps.exif_transpose(image)
+    return _transpose(image)
 
 
 def _describe_non_image(head: bytes) -> str:
@@ -156,15 +206,16 @@ def _composite_over_white(rgba: np.ndarray) -> np.ndarray:
     return rgb.round().clip(0, 255).astype(np.uint8)
 
 
-def _tensor_to_hwc(tensor: Any) -> np.ndarray:
+def _tensor_to_hwc(tensor: Any, limit: int) -> np.ndarray:
+    if tensor.ndim == 4:
+        if tensor.shape[0] != 1:
+            raise ImageError(f"<tensor>: expected one image, got a batch of {tensor.shape[0]}; pass them as a list")
+        tensor = tensor[0]
+    channels_first = tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] not in (1, 3, 4)
+    if tensor.ndim in (2, 3):  # checked before the float copy below is made
+        _check_pixels(tuple(tensor.shape[2:0:-1] if channels_first else tensor.shape[1::-1]), "<tensor>", limit)
     array = tensor.detach().cpu().float().numpy()
-    if array.ndim == 4:
-        if array.shape[0] != 1:
-            raise ImageError(f"<tensor>: expected one image, got a batch of {array.shape[0]}; pass them as a list")
-        array = array[0]
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    return array
+    return array.transpose(1, 2, 0) if channels_first else array
 
 
 def _array_to_rgb(array: np.ndarray, name: str, limit: int | None) -> np.ndarray:
@@ -211,25 +262,77 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
 
 
-def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+def reference_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) that `resize_image` gives an image of `size` = (width, height): the short side scaled to
+    `resolution`, each side rounded to the nearest multiple of 64 (at least 64). Pure arithmetic, no pixels."""
+    width, height = size
+    scale = float(resolution) / max(1, min(height, width))
+    return max(64, int(np.round(width * scale / 64.0)) * 64), max(64, int(np.round(height * scale / 64.0)) * 64)
+
+
+def check_working_size(
+    size: tuple[int, int], name: str, *, made_by: str = "", fix: str = ""
+) -> tuple[int, int]:
+    """Refuse, before it is allocated, a working image of `size` = (width, height) that is too large or too thin.
+
+    The one bound of every image controlkit makes from an input (a detector's resized input, a map's output
+    size, a control image resized for generation): at most `max_image_pixels()` pixels (the input cap, one knob:
+    CONTROLKIT_MAX_IMAGE_PIXELS) and at most `MAX_ASPECT_RATIO` : 1.
+
+    Args:
+        size: (width, height) of the image about to be made.
+        name: the input it comes from, for the message (a path, or e.g. '<array>').
+        made_by: how it is made, for the message (e.g. "resized to 512 on its short side").
+        fix: what the user can change, appended to the message (default: crop or resize the input).
+
+    Returns:
+        `size` as ints, when it is within bounds.
+
+    Raises:
+        ImageError: one line naming the input, the size, the limit and the fix.
+    """
+    width, height = (int(side) for side in size)
+    what = f"{name}: the working image{f' ({made_by})' if made_by else ''} would be {width}x{height}"
+    if width < 1 or height < 1:
+        raise ImageError(f"{what}; both sides must be at least 1")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"{what}, more elongated than the limit of {MAX_ASPECT_RATIO}:1; "
+            f"{fix or 'crop the image to a less elongated shape'}"
+        )
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise ImageError(
+            f"{what} = {width * height} pixels, over the limit of {limit}; "
+            f"{fix or 'use a smaller size'}, or raise the limit with CONTROLKIT_MAX_IMAGE_PIXELS"
+        )
+    return width, height
+
+
+def resize_image(image: np.ndarray, resolution: int, *, name: str = "<image>", fix: str = "") -> np.ndarray:
     """The reference annotators' `resize_image`.
 
     The short side is scaled to `resolution`, then each side is rounded to the nearest multiple of 64.
     Upscaling uses Lanczos-4, downscaling area interpolation (lllyasviel/ControlNet `annotator/util.py`).
+    The result is checked with `check_working_size` before it is allocated.
 
     Args:
         image: (H, W, C) uint8.
         resolution: target length of the short side, before rounding.
+        name, fix: the input and what the user can change, for the message of a refused size.
 
     Returns:
         (H', W', C) uint8 with H' and W' multiples of 64.
+
+    Raises:
+        ImageError: the result would be over the pixel cap or more elongated than `MAX_ASPECT_RATIO` : 1.
     """
     import cv2
 
     height, width = image.shape[:2]
+    new_width, new_height = reference_size((width, height), resolution)
+    check_working_size((new_width, new_height), name, made_by=f"resized to {resolution} on its short side", fix=fix)
     scale = float(resolution) / min(height, width)
-    new_height = max(64, int(np.round(height * scale / 64.0)) * 64)
-    new_width = max(64, int(np.round(width * scale / 64.0)) * 64)
     interpolation = cv2.INTER_LANCZOS4 if scale > 1 else cv2.INTER_AREA
     return cv2.resize(image, (new_width, new_height), interpolation=interpolation)
 

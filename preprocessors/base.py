@@ -7,6 +7,9 @@
 - `detect_resolution`, where the reference annotator has one, is the size (short side, rounded to 64 by the
   reference `resize_image`) at which the detector runs; the map is then resized back with bilinear
   interpolation (ControlNet 1.1's rule).
+- Bounded: the detect-resolution image and the output size are checked with `controlkit.image.check_working_size`
+  before anything is allocated (`load_input`), so a thin strip (512x1 at 512 would be 262144x512) is one
+  `ImageError` naming the file, not gigabytes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,29 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from controlkit.image import ImageInput, load_image, resize_image, resize_to, to_pil
+from controlkit.image import (
+    ImageInput,
+    check_working_size,
+    image_name,
+    load_image,
+    reference_size,
+    resize_image,
+    resize_to,
+    to_pil,
+)
+
+#: What a user can change when the detect-resolution image of an input is out of bounds.
+_DETECT_FIX = "crop the image, or set detect_resolution=None (--set detect_resolution=none) to run at its size"
+
+
+class EmptyMapWarning(UserWarning):
+    """The map of an image is empty because the detector found nothing in it (pose: no person). The map is still
+    right (black: nothing there); folder annotation lists these files. `reason` is the short form for a summary,
+    e.g. 'no person found (black map)'."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Preprocessor(abc.ABC):
@@ -56,10 +81,27 @@ class Preprocessor(abc.ABC):
         """
         if isinstance(image, (list, tuple)):
             return [self(item, output_size=output_size) for item in image]
-        rgb = load_image(image)
+        rgb = self.load_input(image, output_size)
         condition = self.detect(rgb)
         target = output_size or (rgb.shape[1], rgb.shape[0])
         return to_pil(self._finish(condition, target))
+
+    def load_input(self, image: ImageInput, output_size: tuple[int, int] | None = None) -> np.ndarray:
+        """`load_image(image)` (RGB uint8 (H, W, 3)), after checking that what this preprocessor will make of it
+        (its detect-resolution image, a map of `output_size` = (width, height)) is within bounds.
+
+        Raises:
+            ImageError: one line naming the input: unreadable, or a working size out of bounds.
+        """
+        rgb = load_image(image)
+        name = image_name(image)
+        if self.detect_resolution is not None:
+            size = reference_size((rgb.shape[1], rgb.shape[0]), self.detect_resolution)
+            made_by = f"resized to detect_resolution={self.detect_resolution} on its short side"
+            check_working_size(size, name, made_by=made_by, fix=_DETECT_FIX)
+        if output_size is not None:
+            check_working_size(output_size, name, made_by="the requested output_size")
+        return rgb
 
     @abc.abstractmethod
     def detect(self, image: np.ndarray) -> np.ndarray:
@@ -69,7 +111,7 @@ class Preprocessor(abc.ABC):
         """The image the detector sees: `resize_image(image, detect_resolution)`, or the image itself."""
         if self.detect_resolution is None:
             return image
-        return resize_image(image, self.detect_resolution)
+        return resize_image(image, self.detect_resolution, fix=_DETECT_FIX)
 
     def to(self, device: Any) -> Preprocessor:
         """Move learned networks to `device`; returns self. Classical preprocessors ignore it."""

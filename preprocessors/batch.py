@@ -1,23 +1,33 @@
 """Annotating many images: files and folders in, lossless PNG maps out, resumable, in several processes.
 
-The same engine serves the Python API (`annotate_paths`) and `controlkit annotate`. Outputs are written
-atomically (temporary file, then rename), so an interrupted run never leaves a half-written map, and a re-run
-skips every map that already exists: it resumes where it stopped.
+The same engine serves the Python API (`annotate_paths`), `controlkit annotate` and `dataset build`.
+
+- Where maps go (`plan_annotation`): each input keeps its path relative to the folder that holds all the inputs
+  (one folder: its own layout; files of one folder: flat), so same-named files of two folders never share a map.
+  An output folder inside an input folder is not searched, and no map may overwrite an input.
+- Nothing done is lost: the output folder is checked before any work, maps are written atomically, temporary
+  files of killed runs are removed at the start, and a re-run skips the maps that exist (it resumes). A map that
+  cannot be written (a full disk) stops the run: every later map would fail too; what was done is reported.
+- One bad input never stops the others: an unreadable image, a missing input path or a worker killed while on a
+  file (the out-of-memory killer) is that input's one-line failure; the rest is written.
+- Maps that are empty because the detector found nothing (pose: no person) are written and listed in `empty`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlkit.errors import ControlkitError
-from controlkit.files import atomic_path, write_bytes_atomic
+from controlkit.errors import ControlkitError, OutputError, first_line
+from controlkit.files import atomic_path, check_output_folder, remove_stale_temporaries, write_bytes_atomic
 from controlkit.image import is_image_file
+from preprocessors.base import EmptyMapWarning
+from preprocessors.workers import Failure, run_in_processes
 
 
 @dataclass(frozen=True)
@@ -29,49 +39,81 @@ class Job:
     keypoints: Path | None = None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What annotating one job gave: `error` (one line) or None when the map was written; `output_error` when
+    the map could not be written; `empty`, why a written map is empty (e.g. 'no person found (black map)')."""
+
+    error: str | None = None
+    output_error: bool = False
+    empty: str | None = None
+
+
 @dataclass
 class AnnotateReport:
-    """What a batch run did: written, skipped (already there), failed (path, reason)."""
+    """What a batch run did.
+
+    Attributes:
+        written: maps written. skipped: maps already there (not recomputed).
+        failed: (input, one-line reason) of each input that got no map.
+        empty: (map, reason) of written maps that are empty because nothing was found (pose: no person).
+        stopped: why the run stopped early (a map could not be written), else None.
+        not_started: inputs not annotated because the run stopped; a re-run does them.
+    """
 
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    empty: list[tuple[Path, str]] = field(default_factory=list)
+    stopped: str | None = None
+    not_started: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.stopped is None
+
+
+def plan_annotation(
+    inputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, *, keypoints: bool = False
+) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """Map inputs to output paths; returns (jobs, (input, one-line reason) of inputs that do not exist and of
+    folders that cannot be read).
+
+    Each output is `output_dir / <the input's path relative to the folder holding all inputs>` with the suffix
+    .png: one folder keeps its layout, files of one folder give flat names, two folders keep their names. Files
+    that would share a name (`a.jpg`, `a.png`) keep their suffix (`a.jpg.png`, `a.png.png`). Folders are searched
+    recursively for image files (following links to folders, each folder once), skipping `output_dir` where it
+    lies inside them.
+
+    Raises:
+        ControlkitError: no image found at all, or two inputs (or an input and a map) would share a path.
+    """
+    output_dir = Path(output_dir)
+    found, problems, roots = _find_sources(inputs, output_dir)
+    if not found:
+        if problems:
+            raise ControlkitError(problems[0][1] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise ControlkitError(f"no image files ({', '.join(_suffixes())}) found in {', '.join(map(str, inputs))}")
+    base = Path(os.path.commonpath(roots)) if roots else Path()
+    relative = [Path(os.path.relpath(os.path.abspath(source), base)) for source in found]
+    stems: dict[Path, int] = {}
+    for path in relative:
+        stems[path.with_suffix("")] = stems.get(path.with_suffix(""), 0) + 1
+    jobs = []
+    for source, path in zip(found, relative):
+        name = path.stem if stems[path.with_suffix("")] == 1 else path.name
+        output = output_dir / path.parent / f"{name}.png"
+        jobs.append(Job(source, output, output.with_suffix(".json") if keypoints else None))
+    _check_distinct(jobs)
+    return jobs, problems
 
 
 def plan_jobs(inputs: Sequence[str | os.PathLike], output_dir: Path, *, keypoints: bool = False) -> list[Job]:
-    """Map inputs to output paths.
-
-    Files map to `output_dir/<stem>.png`; folders are searched recursively for image files and keep their
-    relative layout under `output_dir`. Two inputs that would share an output name keep their suffix
-    (`a.jpg.png`, `a.webp.png`), so no map overwrites another.
-
-    Raises:
-        ControlkitError: an input that does not exist, or no image found at all.
-    """
-    pairs: list[tuple[Path, Path]] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
-            pairs += [(p, p.relative_to(path).parent) for p in found]
-        elif path.exists():
-            pairs.append((path, Path()))
-        else:
-            raise ControlkitError(f"{path}: no such file or folder")
-    if not pairs:
-        raise ControlkitError(f"no image files ({', '.join(_suffixes())}) found in {', '.join(map(str, inputs))}")
-    stems: dict[Path, int] = {}
-    for source, relative in pairs:
-        stems[relative / source.stem] = stems.get(relative / source.stem, 0) + 1
-    jobs = []
-    for source, relative in pairs:
-        name = source.stem if stems[relative / source.stem] == 1 else source.name
-        output = output_dir / relative / f"{name}.png"
-        jobs.append(Job(source, output, output.with_suffix(".json") if keypoints else None))
+    """`plan_annotation`'s jobs; an input that does not exist (or a folder that cannot be read) is an error
+    (ControlkitError)."""
+    jobs, problems = plan_annotation(inputs, output_dir, keypoints=keypoints)
+    if problems:
+        raise ControlkitError(problems[0][1])
     return jobs
 
 
@@ -91,15 +133,20 @@ def annotate_paths(
     Args:
         inputs: image files and folders (searched recursively).
         preprocessor: registry name, e.g. "canny".
-        output_dir: where the PNG maps go (created).
+        output_dir: where the PNG maps go (created; checked before any work).
         params: keyword parameters of the preprocessor.
-        workers: processes; each builds the preprocessor once.
+        workers: processes; each builds the preprocessor once. They end with this process, however it ends.
         overwrite: recompute maps that already exist (default: skip them, which resumes a stopped run).
         keypoints: also write OpenPose JSON next to each map (preprocessors with a `keypoints` method).
         progress: wraps the stream of finished jobs: `progress_bar`, or e.g. `lambda it, n: tqdm(it, total=n)`.
 
     Returns:
-        An `AnnotateReport`; a bad input is recorded in `failed` and the others are still written.
+        An `AnnotateReport`; a bad or missing input is recorded in `failed` and the others are still written.
+
+    Raises:
+        ValueError: unknown preprocessor or parameter (before anything is written).
+        OutputError: `output_dir` cannot be written.
+        ControlkitError: no input found, or inputs whose maps would collide.
     """
     from preprocessors.registry import get_preprocessor
 
@@ -107,14 +154,26 @@ def annotate_paths(
     annotator = get_preprocessor(preprocessor, **params)  # validates the name and parameters up front
     if keypoints and not hasattr(annotator, "keypoints"):
         raise ControlkitError(f"--json needs keypoints, which preprocessor '{preprocessor}' does not produce")
-    report = AnnotateReport()
+    planned, problems = plan_annotation(inputs, output_dir, keypoints=keypoints)
+    remove_stale_temporaries(check_output_folder(output_dir, "output folder"))
+    report = AnnotateReport(failed=list(problems))
     jobs = []
-    for job in plan_jobs(inputs, Path(output_dir), keypoints=keypoints):
+    for job in planned:
         done = job.output.exists() and (job.keypoints is None or job.keypoints.exists())
         (report.skipped.append(job.output) if done and not overwrite else jobs.append(job))
-    results = _run(jobs, preprocessor, params, annotator, workers)
-    for job, error in progress(results, len(jobs)) if progress else results:
-        report.failed.append((job.source, error)) if error else report.written.append(job.output)
+    outcomes: dict[int, Any] = {}
+    stopped: list[str] = []  # the first map that could not be written: no new job starts after it
+    results = _run(jobs, preprocessor, params, annotator, workers, stop=lambda: bool(stopped))
+    for index, outcome in progress(results, len(jobs)) if progress else results:
+        outcomes[index] = outcome
+        if isinstance(outcome, Outcome) and outcome.output_error and not stopped:
+            stopped.append(outcome.error)
+    for index, job in enumerate(jobs):
+        if index in outcomes:
+            _record(report, job, outcomes[index])
+        else:
+            report.not_started.append(job.source)
+    report.stopped = stopped[0] if stopped else None
     return report
 
 
@@ -127,26 +186,90 @@ def progress_bar(results: Iterable[Any], total: int) -> Iterable[Any]:
     return tqdm(results, total=total, unit="img", file=sys.stderr, disable=total == 0)
 
 
-def _run(jobs: list[Job], name: str, params: dict[str, Any], annotator: Any, workers: int) -> Iterable:
+def _find_sources(
+    inputs: Sequence[str | os.PathLike], output_dir: Path
+) -> tuple[list[Path], list[tuple[Path, str]], list[str]]:
+    """(image files, (input, reason) of problems, the folders that anchor the layout), without duplicates or
+    the output folder."""
+    output = os.path.realpath(output_dir)
+    found: dict[str, Path] = {}
+    problems: list[tuple[Path, str]] = []
+    roots = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            if os.path.realpath(path) == output:
+                raise ControlkitError(f"{path}: the output folder is this input folder, so its maps would be read "
+                                      f"as inputs on the next run; choose another, e.g. {path / 'maps'}")
+            roots.append(os.path.abspath(path))
+            files = image_files(path, skip=output, problems=problems)
+        elif path.exists():
+            roots.append(os.path.dirname(os.path.abspath(path)))
+            files = [path]
+        else:
+            problems.append((path, f"{path}: no such file or folder"))
+            continue
+        for file in files:
+            found.setdefault(os.path.realpath(file), file)
+    return list(found.values()), problems, roots
+
+
+def image_files(folder: Path, *, skip: str | None = None, problems: list[tuple[Path, str]] | None = None,
+                ) -> list[Path]:
+    """Image files under `folder`, recursively, sorted by path: the one folder-search rule of annotation, dataset
+    build and dataset check. Not descending into the folder `skip` (a real path, e.g. the output) nor twice into
+    one folder (links); folders that cannot be listed go to `problems` (ignored when None)."""
+    problems = [] if problems is None else problems
+    def unreadable(error: OSError) -> None:
+        problems.append((Path(error.filename), f"{error.filename}: folder cannot be read ({error.strerror})"))
+
+    files, seen = [], {skip} if skip else set()
+    for top, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        seen.add(os.path.realpath(top))
+        kept = [name for name in sorted(folders) if os.path.realpath(os.path.join(top, name)) not in seen]
+        seen.update(os.path.realpath(os.path.join(top, name)) for name in kept)
+        folders[:] = kept
+        files += [Path(top, name) for name in names if is_image_file(Path(name))]
+    return sorted(files)
+
+
+def _check_distinct(jobs: list[Job]) -> None:
+    """No two maps share a path and no map overwrites an input."""
+    sources = {os.path.realpath(job.source): job.source for job in jobs}
+    seen: dict[str, Path] = {}
+    for job in jobs:
+        target = os.path.realpath(job.output)
+        if target in sources:
+            raise ControlkitError(f"{sources[target]}: the map of {job.source} would overwrite this input; "
+                                  "choose another output folder")
+        if target in seen:
+            raise ControlkitError(f"{seen[target]} and {job.source} would both be written to {job.output}; "
+                                  "rename one, or annotate them into separate output folders")
+        seen[target] = job.source
+
+
+def _record(report: AnnotateReport, job: Job, outcome: Any) -> None:
+    if isinstance(outcome, Failure):  # the worker died on it: the other jobs went on
+        report.failed.append((job.source, f"{job.source}: {outcome.reason}"))
+    elif outcome.error is None:
+        report.written.append(job.output)
+        if outcome.empty:
+            report.empty.append((job.output, outcome.empty))
+    else:
+        report.failed.append((job.source, outcome.error))
+
+
+def _run(jobs: list[Job], name: str, params: dict[str, Any], annotator: Any, workers: int,
+         stop: Callable[[], bool]) -> Iterator[tuple[int, Any]]:
     if workers <= 1 or len(jobs) <= 1:
-        return ((job, _annotate_one(annotator, job)) for job in jobs)
-    import multiprocessing
-
+        for index, job in enumerate(jobs):
+            if stop():
+                return
+            yield index, _annotate_job(annotator, job)
+        return
     threads = max(1, (os.cpu_count() or 1) // workers)
-    executor = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),  # fork after torch/mediapipe start is unsafe
-        initializer=_init_worker,
-        initargs=(name, params, threads),
-    )
-    return _ordered(executor, jobs, workers)
-
-
-def _ordered(executor: ProcessPoolExecutor, jobs: list[Job], workers: int) -> Iterable:
-    # Jobs go out in chunks (fewer round trips between processes) and come back in input order.
-    chunk = max(1, min(16, len(jobs) // (8 * workers)))
-    with executor:
-        yield from zip(jobs, executor.map(_worker_annotate, jobs, chunksize=chunk))
+    yield from run_in_processes(_worker_annotate, jobs, workers=workers, initializer=_init_worker,
+                                initargs=(name, params, threads), stop=stop)
 
 
 _WORKER_ANNOTATOR: Any = None
@@ -172,24 +295,45 @@ def _init_worker(name: str, params: dict[str, Any], threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-def _worker_annotate(job: Job) -> str | None:
-    return _annotate_one(_WORKER_ANNOTATOR, job)
+def _worker_annotate(job: Job) -> Outcome:
+    return _annotate_job(_WORKER_ANNOTATOR, job)
 
 
-def _annotate_one(annotator: Any, job: Job) -> str | None:
-    """Write one map; returns None, or the reason the input failed (a user error, never a crash)."""
+def _annotate_job(annotator: Any, job: Job) -> Outcome:
+    """Annotate one job and write its map (and keypoints); never raises for a bad input or a failed write."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EmptyMapWarning)
+        outcome = _annotate(annotator, job)
+    empty = None
+    for warning in caught:
+        if isinstance(warning.message, EmptyMapWarning):
+            empty = warning.message.reason
+        else:  # not ours to judge: shown as it would have been
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return outcome if outcome is not None else Outcome(empty=empty)
+
+
+def _annotate(annotator: Any, job: Job) -> Outcome | None:
     try:
         condition = annotator(job.source)
-        job.output.parent.mkdir(parents=True, exist_ok=True)
         if job.keypoints is not None:
             write_bytes_atomic(job.keypoints, json.dumps(annotator.keypoints(job.source)).encode())
         with atomic_path(job.output) as temporary:
             condition.save(temporary, format="PNG")
+    except OutputError as error:
+        return Outcome(error=str(error), output_error=True)
     except ControlkitError as error:
-        return str(error)
-    except OSError as error:
-        return f"{job.output}: cannot write ({error.strerror or error})"
+        return Outcome(error=_naming(job.source, str(error)))
+    except MemoryError:
+        return Outcome(error=f"{job.source}: not enough memory to annotate it")
+    except Exception as error:  # a detector's own failure on this input: the others go on
+        return Outcome(error=f"{job.source}: the preprocessor failed on it ({type(error).__name__}: "
+                             f"{first_line(error)})")
     return None
+
+
+def _naming(source: Path, message: str) -> str:
+    return message if str(source) in message else f"{source}: {message}"
 
 
 def _suffixes() -> list[str]:

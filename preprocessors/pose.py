@@ -12,8 +12,8 @@ landmarks are converted to OpenPose's keypoints and drawn with OpenPose's colour
 - face: 70 OpenPose face points (the 68 iBUG points and the two pupils) picked from the 478-point face mesh.
 
 Like the reference annotator, it draws one body (the legacy mediapipe pose model finds the most prominent
-person), and finds hands and a face only when it found a body. A photo with no person gives a black map and a
-warning, never an error.
+person), and finds hands and a face only when it found a body. A photo with no person gives a black map and an
+`EmptyMapWarning` naming the image (folder annotation lists those files), never an error.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from controlkit.errors import MissingDependencyError
-from controlkit.image import ImageInput, load_image, to_pil
-from preprocessors.base import Preprocessor, check_detect_resolution
+from controlkit.image import ImageInput, image_name, to_pil
+from preprocessors.base import EmptyMapWarning, Preprocessor, check_detect_resolution
 from preprocessors.openpose import draw_openpose, empty_pose, flatten_keypoints
 
 #: mediapipe pose landmark index of each OpenPose body part (None: the neck, from both shoulders).
@@ -50,6 +50,8 @@ MEDIAPIPE_FACE = (
 #: The mediapipe release whose wheel bundles the legacy pose model (newer ones download it at run time).
 MEDIAPIPE_VERSION = "0.10.21"
 _INSTALL = f"pip install mediapipe=={MEDIAPIPE_VERSION}"
+#: The reason of the `EmptyMapWarning` of an image with no person.
+NO_PERSON = "no person found (black map)"
 _BUNDLED_MODEL = "modules/pose_landmark/pose_landmark_full.tflite"
 
 
@@ -118,9 +120,9 @@ class PosePreprocessor(Preprocessor):
         """Pose map(s) of the same size as the input (or `output_size` = (width, height)), PIL RGB."""
         if isinstance(image, (list, tuple)):
             return [self(item, output_size=output_size) for item in image]
-        rgb = load_image(image)
+        rgb = self.load_input(image, output_size)
         size = output_size or (rgb.shape[1], rgb.shape[0])
-        return to_pil(self.draw(self._keypoints(rgb), size))
+        return to_pil(self.draw(self._keypoints(rgb, image_name(image)), size))
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         return self.draw(self._keypoints(image), (image.shape[1], image.shape[0]))
@@ -137,9 +139,9 @@ class PosePreprocessor(Preprocessor):
         """OpenPose JSON dict of the image: `people` (zero or one person) with `pose_keypoints_2d` (18 points),
         `hand_left/right_keypoints_2d`, `face_keypoints_2d` ([] when not requested or not found), in pixels of
         the image (`canvas_width` x `canvas_height`). Confidence 0 marks a missing point."""
-        return self._keypoints(load_image(image))
+        return self._keypoints(self.load_input(image), image_name(image))
 
-    def _keypoints(self, rgb: np.ndarray) -> dict[str, Any]:
+    def _keypoints(self, rgb: np.ndarray, name: str = "the image") -> dict[str, Any]:
         # `annotate --json` asks for the map and the keypoints of the same image: detect once.
         hasher = hashlib.blake2b(str(rgb.shape).encode(), digest_size=16)
         hasher.update(memoryview(np.ascontiguousarray(rgb)).cast("B"))
@@ -151,7 +153,8 @@ class PosePreprocessor(Preprocessor):
         pose = empty_pose(width, height)
         body = self._body(small, width, height)
         if body is None:
-            warnings.warn("pose: no person found in the image; the pose map is black", UserWarning, stacklevel=3)
+            warnings.warn(EmptyMapWarning(f"pose: no person found in {name}; the pose map is black", NO_PERSON),
+                          stacklevel=3)
         else:
             hands = self._hands(small, width, height) if self.hands else {}
             pose["people"].append({

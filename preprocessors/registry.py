@@ -1,7 +1,10 @@
 """The registry: one explicit table, one record per preprocessor.
 
 A record names its class by import path, so listing the table imports nothing heavy; the class is imported
-when the entry is used. `get_preprocessor(name, **params)` is the one way to build a preprocessor by name.
+when the entry is used. `get_preprocessor(name, **params)` is the one way to build a preprocessor by name: it
+checks every parameter's name and, against the type its constructor declares (bool, int, float, str, a path,
+None), its value, before anything is built, so `low_threshold='abc'` or `safe='maybe'` is one line naming the
+parameter. Values written as text (`--set KEY=VALUE`) are read by `parse_param_value` only.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ import difflib
 import importlib
 import inspect
 import json
+import numbers
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +50,16 @@ class PreprocessorSpec:
 
     def parameters(self) -> dict[str, Any]:
         """Keyword parameters of the entry with their defaults."""
+        return {name: parameter.default for name, parameter in self._keyword_parameters().items()}
+
+    def parameter_types(self) -> dict[str, str]:
+        """Keyword parameters of the entry with their declared types as written, e.g. 'int | None' ('' if none)."""
+        return {name: _annotation_text(parameter) for name, parameter in self._keyword_parameters().items()}
+
+    def _keyword_parameters(self) -> dict[str, inspect.Parameter]:
         signature = inspect.signature(_constructor(self.load_class()))
         return {
-            name: parameter.default
+            name: parameter
             for name, parameter in signature.parameters.items()
             if parameter.kind is inspect.Parameter.KEYWORD_ONLY
         }
@@ -122,7 +135,8 @@ def get_preprocessor(name: str, **params: Any) -> Preprocessor:
         >>> hed = get_preprocessor("aux:hed", weights_dir="Annotators")  # = get_preprocessor("aux", detector="hed")
 
     Raises:
-        ValueError: unknown name, or unknown parameters (the message lists the valid ones).
+        ValueError: unknown name, unknown parameters (the message lists the valid ones), or a value of the wrong
+            type (the message names the parameter and the type its constructor declares).
     """
     if name.startswith("aux:"):
         if "detector" in params:
@@ -137,7 +151,35 @@ def get_preprocessor(name: str, **params: Any) -> Preprocessor:
             f"Unknown parameter(s) {', '.join(unknown)} for preprocessor '{name}'. "
             f"Valid: {', '.join(sorted(valid)) or 'none'}."
         )
+    types = spec.parameter_types()
+    for key, value in params.items():
+        problem = type_problem(types[key], value)
+        if problem:
+            raise ValueError(f"preprocessor '{name}': parameter `{key}` must be {problem}, got {value!r}")
     return cls.create(**params)
+
+
+#: Declared type name -> (how messages say it, the check). Types not listed here (Any, a network) are not checked.
+_TYPE_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "bool": ("true or false", lambda value: isinstance(value, bool)),
+    "int": ("an integer", lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool)),
+    "float": ("a number", lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool)),
+    "str": ("a string", lambda value: isinstance(value, str)),
+    "os.PathLike": ("a path", lambda value: isinstance(value, (str, os.PathLike))),
+    "None": ("none", lambda value: value is None),
+    "dict": ("a JSON object", lambda value: isinstance(value, dict)),
+}
+
+
+def type_problem(declared: str, value: Any) -> str | None:
+    """None when `value` fits the declared type `declared` (e.g. 'int | None'), else what it must be
+    ('an integer or none'). A declaration with a type that is not checked (Any, a network, none) accepts all."""
+    names = [part.strip().split("[")[0] for part in declared.split("|")]
+    if not declared or any(name not in _TYPE_CHECKS for name in names):
+        return None
+    if any(_TYPE_CHECKS[name][1](value) for name in names):
+        return None
+    return " or ".join(dict.fromkeys(_TYPE_CHECKS[name][0] for name in names))
 
 
 def parse_param_value(text: str) -> Any:
@@ -161,6 +203,14 @@ def checkpoint_preprocessor(name: str, metadata: Any, overrides: dict[str, Any] 
     named = getattr(metadata, "preprocessor", None)
     stored = dict(getattr(metadata, "preprocessor_params", None) or {}) if named else {}
     return get_preprocessor(named or name, **{**stored, **(overrides or {})})
+
+
+def _annotation_text(parameter: inspect.Parameter) -> str:
+    """The declared type as text: modules use postponed annotations (strings); a real type gives its name."""
+    annotation = parameter.annotation
+    if annotation is inspect.Parameter.empty:
+        return ""
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
 
 
 def _constructor(cls: type[Preprocessor]) -> Any:

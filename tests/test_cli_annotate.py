@@ -134,3 +134,10 @@ def test_pose_json_keypoints_are_written_next_to_the_map(tmp_path):
     nose_x, nose_y, confidence = keypoints["people"][0]["pose_keypoints_2d"][:3]
     assert confidence > 0 and abs(nose_x - 223) < 25 and abs(nose_y - 128) < 25
     assert np.asarray(Image.open(out / "astronaut.png")).max() > 0
+
+
+def test_preprocessors_verbose_shows_each_parameter_with_its_type(capsys):
+    assert main(["preprocessors", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "low_threshold: int = 100" in out and "detect_resolution: int | None = None" in out
+    assert "safe: bool = False" in out

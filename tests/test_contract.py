@@ -155,3 +155,29 @@ def test_every_entry_records_weights_and_license():
     for spec in PREPROCESSORS.values():
         assert spec.weights and spec.license and spec.summary
     assert not PREPROCESSORS["canny"].needs_weights and PREPROCESSORS["depth"].needs_weights
+
+
+@pytest.mark.parametrize("key", sorted(FACTORIES), ids=lambda key: "-".join(key))
+def test_a_thin_strip_is_refused_before_allocating(key, tmp_path, instances):
+    """A 2048x1 PNG (a few dozen bytes) at a detect resolution of 64..512 would be a working image of millions to
+    half a billion pixels; every entry refuses it with one line naming the file, or (no detect resolution)
+    maps it at its own size."""
+    from controlkit.errors import ImageError
+
+    preprocessor = _instance(instances, key)
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (2048, 1), (200, 30, 30)).save(path)
+    if preprocessor.detect_resolution is None:
+        assert preprocessor(path).size == (2048, 1)
+        return
+    with pytest.raises(ImageError, match="more elongated than the limit of 16:1") as info:
+        preprocessor(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "detect_resolution" in message and "\n" not in message
+
+
+def test_an_output_size_out_of_bounds_is_refused_before_drawing(photo):
+    from controlkit.errors import ImageError
+
+    with pytest.raises(ImageError, match=r"output_size\) would be 100000x100000 = 10000000000 pixels"):
+        get_preprocessor("canny")(photo, output_size=(100000, 100000))

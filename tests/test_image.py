@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -224,3 +227,75 @@ def test_pad_then_crop_restores_the_exact_size(photo):
     assert padded.shape == (128, 128, 3)
     np.testing.assert_array_equal(crop_to(padded, odd.shape[:2]), odd)
     assert resize_to(odd, (67, 101)) is odd
+
+
+def test_reference_size_is_the_size_resize_image_makes(photo):
+    from controlkit.image import reference_size
+
+    assert reference_size((160, 120), 512) == (704, 512)
+    assert resize_image(photo, 512).shape[:2] == (512, 704)
+    assert reference_size((160, 120), 64) == (64, 64)
+
+
+def test_a_thin_strip_is_refused_before_the_resize_allocates():
+    strip = np.zeros((1, 512, 3), np.uint8)  # resized to 512 on its short side: 262144x512, 400 MB
+    with pytest.raises(ImageError, match=r"^<image>: the working image \(resized to 512 on its short side\) would "
+                                         r"be 262144x512, more elongated than the limit of 16:1; crop"):
+        resize_image(strip, 512)
+
+
+def test_check_working_size_bounds_pixels_and_aspect_ratio(monkeypatch):
+    from controlkit.image import MAX_ASPECT_RATIO, check_working_size
+
+    assert check_working_size((16 * 64, 64), "x.png") == (1024, 64)  # exactly 16:1 passes
+    with pytest.raises(ImageError, match=rf"^x.png: the working image would be 1025x64, .* {MAX_ASPECT_RATIO}:1"):
+        check_working_size((1025, 64), "x.png")
+    with pytest.raises(ImageError, match="at least 1"):
+        check_working_size((0, 5), "x.png")
+    monkeypatch.setenv("CONTROLKIT_MAX_IMAGE_PIXELS", "10000")
+    with pytest.raises(ImageError, match=r"^x.png: the working image \(a control image\) would be 200x200 = 40000 "
+                                         r"pixels, over the limit of 10000; .*CONTROLKIT_MAX_IMAGE_PIXELS"):
+        check_working_size((200, 200), "x.png", made_by="a control image")
+
+
+def test_a_file_larger_than_any_image_within_the_cap_is_not_read(tmp_path):
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as handle:
+        handle.truncate(8 * 1000 + 65 * 2**20)  # sparse: no disk or memory is used
+    with pytest.raises(ImageError, match=r"huge.png: \d+ bytes, more than an image within the limit of 1000 pixels"):
+        load_image(path, max_pixels=1000)
+
+
+@contextlib.contextmanager
+def _address_space_headroom(extra: int):
+    """Linux: allow this process only `extra` more bytes of address space, so a big allocation fails."""
+    import resource
+
+    status = Path("/proc/self/status").read_text().splitlines()
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the address space size from /proc")
+def test_a_tensor_over_the_cap_is_refused_before_its_float_copy():
+    strip = torch.zeros(1, dtype=torch.uint8).expand(3, 9000, 9000)  # a view: no memory until it is copied
+    with _address_space_headroom(256 * 2**20):  # the float copy would need 972 MB
+        with pytest.raises(ImageError, match=r"<tensor>: 9000x9000 = 81000000 pixels exceeds the limit of 67108864"):
+            load_image(strip)
+        with pytest.raises(ImageError, match=r"<tensor>: 9000x9000 = 81000000 pixels exceeds"):
+            load_image(strip[None].permute(0, 2, 3, 1)[:, :, :, :1])  # (1, H, W, 1)
+
+
+def test_a_decoder_failure_of_any_kind_names_the_input(tmp_path):
+    # A PNG whose EXIF chunk is not a TIFF structure: PIL raises SyntaxError while applying the orientation.
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG", exif=b"Exif\x00\x00XX*\x00\x08\x00\x00\x00")
+    path = tmp_path / "odd.png"
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(ImageError, match=r"odd.png: truncated or corrupt image \(SyntaxError: not a TIFF file"):
+        load_image(path)

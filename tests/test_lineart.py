@@ -73,6 +73,30 @@ def test_standard_through_registry_and_bad_parameters():
         LineartPreprocessor(gaussian_sigma=0)
 
 
+def test_an_80_byte_thin_png_is_one_line_not_gigabytes(tmp_path):
+    from PIL import Image
+
+    from controlkit.errors import ImageError
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (512, 1), (30, 30, 30)).save(path)
+    assert path.stat().st_size < 100  # at detect_resolution 512 it would be a 262144x512 working image (5.7 GB)
+    with pytest.raises(ImageError, match="more elongated than the limit of 16:1") as info:
+        get_preprocessor("lineart")(path)
+    assert str(info.value).startswith(f"{path}: the working image (resized to detect_resolution=512")
+    # Run at its own size it is no bigger than it is: a map of the same size.
+    assert get_preprocessor("lineart", detect_resolution=None)(path).size == (512, 1)
+
+
+def test_parameters_are_checked_against_their_declared_types():
+    with pytest.raises(ValueError, match=r"preprocessor 'lineart': parameter `gaussian_sigma` must be a number, "
+                                         r"got '6'"):
+        get_preprocessor("lineart", gaussian_sigma="6")
+    with pytest.raises(ValueError, match=r"parameter `model` must be a string, got 3"):
+        get_preprocessor("lineart", model=3)
+    assert get_preprocessor("lineart", gaussian_sigma=3, detect_resolution=None).gaussian_sigma == 3.0  # int is a number
+
+
 @pytest.mark.parametrize("model", ["realistic", "anime"])
 def test_learned_contract_size_dtype_determinism(model):
     photo = data.coffee()[::4, ::4]  # 100x150, not a multiple of 64 nor 256

@@ -187,8 +187,11 @@ def test_hands_and_face_are_found_on_the_astronaut(astronaut):
 
 def test_no_person_gives_a_black_map_and_a_warning(pose_preprocessor):
     grey = np.full((240, 320, 3), 128, dtype=np.uint8)
-    with pytest.warns(UserWarning, match="no person"):
+    from preprocessors.base import EmptyMapWarning
+
+    with pytest.warns(EmptyMapWarning, match="no person found in <array>") as caught:
         pose_map = np.asarray(pose_preprocessor(grey))
+    assert [warning.message.reason for warning in caught] == ["no person found (black map)"]
     assert pose_map.shape == (240, 320, 3) and not pose_map.any()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from controlkit.cli.common import HelpFormatter, parse_assignments
+from controlkit.errors import ControlkitError, preview
+
+if TYPE_CHECKING:
+    from preprocessors.batch import AnnotateReport
 
 EPILOG = """examples:
   controlkit annotate photo.jpg -p canny -o maps/
@@ -18,9 +23,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "annotate",
         help="turn images into condition maps with a preprocessor",
-        description="Annotate image files and folders (searched recursively) with one preprocessor. Maps are "
-        "lossless PNGs named after the inputs; existing maps are skipped unless --overwrite, so an interrupted "
-        "run resumes. Bad files are reported and skipped. Exit status 1 if any input failed.",
+        description="Annotate image files and folders (searched recursively, the output folder excepted) with one "
+        "preprocessor. Maps are lossless PNGs named after the inputs, at their paths relative to the folder that "
+        "holds all inputs; existing maps are skipped unless --overwrite, so an interrupted run resumes. A bad or "
+        "missing input, or a worker killed on a file, is reported and the rest annotated; a map that cannot be "
+        "written stops the run. Maps where nothing was found (pose: no person) are listed. Exit status 1 if any "
+        "input failed.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -48,13 +56,25 @@ def run(args: argparse.Namespace) -> int:
             args.inputs, args.preprocessor, args.output, params=params, workers=args.workers,
             overwrite=args.overwrite, keypoints=args.json, progress=None if args.quiet else progress_bar,
         )
-    except (ValueError, TypeError) as error:  # unknown preprocessor or parameter: a usage error
+    except ControlkitError:
+        raise
+    except (ValueError, TypeError) as error:  # unknown preprocessor or parameter, a value of the wrong type
         raise argparse.ArgumentTypeError(str(error)) from None
-    for source, reason in report.failed:
-        print(f"failed: {reason if str(source) in reason else f'{source}: {reason}'}", file=sys.stderr)
-    print(
-        f"{args.preprocessor}: {len(report.written)} written, {len(report.skipped)} already there (skipped), "
-        f"{len(report.failed)} failed -> {args.output}"
-    )
+    for _, reason in report.failed:
+        print(f"failed: {reason}", file=sys.stderr)
+    if report.stopped and report.not_started:
+        print(f"stopped: a map could not be written, so {len(report.not_started)} input(s) were not started; "
+              "fix the output and run the same command again to resume", file=sys.stderr)
+    print(_summary(args.preprocessor, report, args.output))
     return 0 if report.ok else 1
 
+
+def _summary(name: str, report: AnnotateReport, output: str) -> str:
+    """'canny: 3 written, 1 already there (skipped), 0 failed -> maps', with the empty maps by reason."""
+    empty: dict[str, list[str]] = {}
+    for path, reason in report.empty:
+        empty.setdefault(reason, []).append(str(path))
+    notes = "".join(f" ({len(paths)} with {reason}: {preview(paths)})" for reason, paths in empty.items())
+    stopped = f", {len(report.not_started)} not started" if report.not_started else ""
+    return (f"{name}: {len(report.written)} written{notes}, {len(report.skipped)} already there (skipped), "
+            f"{len(report.failed)} failed{stopped} -> {output}")

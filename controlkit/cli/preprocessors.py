@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="example:\n  controlkit preprocessors --verbose",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="also show parameters and defaults")
+    parser.add_argument("--verbose", "-v", action="store_true", help="also show parameters, their types and defaults")
     parser.set_defaults(run=run)
 
 
@@ -35,7 +35,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _parameters(spec) -> str:
+    """'low_threshold: int = 100, ...': each parameter with the type `--set` values are checked against."""
     try:
-        return ", ".join(f"{key}={value!r}" for key, value in spec.parameters().items()) or "none"
+        defaults, types = spec.parameters(), spec.parameter_types()
     except ImportError as error:
         return f"unknown ({error})"
+    return ", ".join(
+        f"{key}{f': {types[key]}' if types[key] else ''} = {value!r}" for key, value in defaults.items()
+    ) or "none"
