@@ -23,11 +23,11 @@ from typing import Any
 import tomllib
 
 from controlkit.errors import ConfigError
+from training.config_rules import PREDICTION_TYPES, SCHEDULES, value_problems
 
-#: Learning-rate schedules of `diffusers.optimization.get_scheduler` offered here.
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-#: Prediction targets the trainer can compute from a scheduler; "" keeps the base scheduler's own.
-PREDICTION_TYPES = ("", "epsilon", "v_prediction")
+__all__ = ["PREDICTION_TYPES", "SCHEDULES", "SECTIONS", "TrainConfig", "all_keys", "load_config", "to_toml",
+           "value_problems"]
+
 
 
 def option(default: Any, doc: str) -> Any:
@@ -77,11 +77,12 @@ class DataConfig:
 @dataclass
 class TrainLoopConfig:
     output_dir: str = option("runs/controlkit", "checkpoints, final model, logs, validation grids")
-    seed: int = option(0, "seed of the noise, timesteps, prompt dropout, data order and model init")
+    seed: int = option(0, "seed of the noise, timesteps, prompt dropout, data order and model init, in [0, 2**63)")
     batch_size: int = option(4, "samples per process per forward pass")
     gradient_accumulation_steps: int = option(1, "forward passes summed into one optimizer step")
     max_steps: int = option(1000, "optimizer steps to train for")
-    mixed_precision: str = option("no", "'no', 'fp16' or 'bf16' for the frozen parts (trained ones stay fp32)")
+    mixed_precision: str = option("no", "'no', 'fp16' or 'bf16' for the frozen parts (trained ones stay fp32); "
+                                  "fp16 needs CUDA (without it: 'no', with a note)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this value (0: no clipping)")
     max_consecutive_nonfinite: int = option(10, "stop after this many skipped non-finite losses in a row")
     allow_tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs")
@@ -91,7 +92,7 @@ class TrainLoopConfig:
 @dataclass
 class OptimConfig:
     name: str = option("adamw", "'adamw' (torch) or 'adamw8bit' (bitsandbytes)")
-    learning_rate: float = option(1e-5, "peak learning rate")
+    learning_rate: float = option(1e-5, "peak learning rate, in (0, 1]")
     beta1: float = option(0.9, "Adam beta1")
     beta2: float = option(0.999, "Adam beta2")
     weight_decay: float = option(1e-2, "decoupled weight decay")
@@ -118,8 +119,10 @@ class EmaConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = option(500, "save a resumable checkpoint every N steps (0: only at the end)")
-    total_limit: int = option(3, "checkpoints kept; the oldest goes once a new one is complete (0: all)")
-    resume: str = option("", "'' (fresh), 'latest' (newest complete, if any) or a checkpoint folder")
+    total_limit: int = option(3, "checkpoints kept; the oldest by write order goes once a new one is complete, "
+                              "never the one a rewound run resumed from (0: all)")
+    resume: str = option("", "'' (fresh), 'latest' (newest complete by write order, if any) or a checkpoint "
+                         "folder (an older one starts a new branch)")
     allow_config_change: bool = option(False, "resume even if settings that change the run differ")
     save_original: bool = option(False, "also write the final ControlNet in the original key format")
 
@@ -252,85 +255,6 @@ def _check_type(value: Any, expected: str) -> Any:
     if expected == "dict":
         return dict(value) if isinstance(value, dict) else None
     raise TypeError(f"unsupported config field type {expected}")
-
-
-def value_problems(config: TrainConfig) -> list[str]:
-    """Every bad value of an assembled config, each naming its key and value."""
-    problems: list[str] = []
-
-    def need(condition: bool, key: str, rule: str) -> None:
-        if not condition:
-            section, _, name = key.partition(".")
-            problems.append(f"`{key}` {rule} (got {getattr(getattr(config, section), name)!r})")
-
-    model, data, train = config.model, config.data, config.train
-    need(model.kind in ("controlnet", "base", "vae"), "model.kind", "must be 'controlnet', 'base' or 'vae'")
-    need(bool(model.base), "model.base", "must name the base model folder (model.base=PATH)")
-    need(model.prediction_type in PREDICTION_TYPES, "model.prediction_type", "must be '', 'epsilon' or 'v_prediction'")
-    need(model.conditioning_channels >= 1, "model.conditioning_channels", "must be at least 1")
-    if model.kind == "controlnet":
-        need(bool(model.condition), "model.condition", "must name the condition (e.g. canny) of a ControlNet")
-        need(not model.train_text_encoder, "model.train_text_encoder", "applies to model.kind = 'base' only")
-    else:
-        need(not model.controlnet, "model.controlnet", "must be empty when model.kind is 'base'")
-        need(not model.unlock_decoder, "model.unlock_decoder", "applies to model.kind = 'controlnet' only")
-        need(not model.only_mid_control, "model.only_mid_control", "applies to model.kind = 'controlnet' only")
-        need(model.kind == "base" or not model.train_text_encoder, "model.train_text_encoder",
-             "applies to model.kind = 'base' only")
-    need(bool(data.source), "data.source", "must name the training data (data.source=PATH)")
-    need(data.resolution >= 8 and data.resolution % 8 == 0, "data.resolution", "must be a positive multiple of 8")
-    need(data.max_samples >= 0, "data.max_samples", "must be 0 (all) or positive")
-    need(data.on_bad_pair in ("skip", "fail"), "data.on_bad_pair", "must be 'skip' or 'fail'")
-    need(0.0 <= data.proportion_empty_prompts <= 1.0, "data.proportion_empty_prompts", "must be in [0, 1]")
-    need(data.num_workers >= 0, "data.num_workers", "must be 0 or positive")
-    need(not data.preprocessor or _known_preprocessor(data.preprocessor), "data.preprocessor",
-         "must be a registry preprocessor (see `controlkit preprocessors`)")
-    need(all(_is_range(value) for value in data.randomize.values()), "data.randomize",
-         "must map parameters to [low, high] with low <= high")
-    need(not data.randomize or bool(data.preprocessor), "data.randomize", "needs data.preprocessor")
-    need(bool(train.output_dir), "train.output_dir", "must name an output folder")
-    need(train.batch_size >= 1, "train.batch_size", "must be at least 1")
-    need(train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be at least 1")
-    need(train.max_steps >= 1, "train.max_steps", "must be at least 1")
-    need(train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be 'no', 'fp16' or 'bf16'")
-    need(train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (no clipping) or positive")
-    need(train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be at least 1")
-    need(train.process_timeout_minutes >= 1, "train.process_timeout_minutes", "must be at least 1")
-    optim, schedule = config.optim, config.schedule
-    need(optim.name in ("adamw", "adamw8bit"), "optim.name", "must be 'adamw' or 'adamw8bit'")
-    need(optim.learning_rate > 0, "optim.learning_rate", "must be positive")
-    need(0 <= optim.beta1 < 1, "optim.beta1", "must be in [0, 1)")
-    need(0 <= optim.beta2 < 1, "optim.beta2", "must be in [0, 1)")
-    need(optim.weight_decay >= 0, "optim.weight_decay", "must be 0 or positive")
-    need(optim.epsilon > 0, "optim.epsilon", "must be positive")
-    need(schedule.name in SCHEDULES, "schedule.name", f"must be one of {', '.join(SCHEDULES)}")
-    need(schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be 0 or positive")
-    need(schedule.num_cycles >= 1, "schedule.num_cycles", "must be at least 1")
-    need(0 <= config.ema.decay < 1, "ema.decay", "must be in [0, 1)")
-    need(config.ema.update_after_step >= 0, "ema.update_after_step", "must be 0 or positive")
-    need(config.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be 0 (only at the end) or positive")
-    need(config.checkpoint.total_limit >= 0, "checkpoint.total_limit", "must be 0 (keep all) or positive")
-    need(config.logging.every_steps >= 1, "logging.every_steps", "must be at least 1")
-    need(config.logging.report_to in ("tensorboard", "none"), "logging.report_to", "must be 'tensorboard' or 'none'")
-    validation = config.validation
-    need(validation.every_steps >= 0, "validation.every_steps", "must be 0 (never) or positive")
-    need(validation.count >= 1, "validation.count", "must be at least 1")
-    need(validation.num_inference_steps >= 1, "validation.num_inference_steps", "must be at least 1")
-    return problems
-
-
-def _is_range(value: Any) -> bool:
-    return (
-        isinstance(value, list) and len(value) == 2
-        and all(isinstance(bound, (int, float)) and not isinstance(bound, bool) for bound in value)
-        and value[0] <= value[1]
-    )
-
-
-def _known_preprocessor(name: str) -> bool:
-    from preprocessors.registry import PREPROCESSORS
-
-    return name in PREPROCESSORS
 
 
 def all_keys() -> list[str]:

@@ -85,12 +85,17 @@ def evaluate_controlnet(
 
     Raises:
         ConfigError: an unknown condition, bad preprocessor parameters or resolution.
+        OutputError: `grid_folder` cannot be written (checked before the first generation).
     """
     from controlkit.pipeline import generate
     from training.data.dataset import PairedDataset, make_condition_fn
     from training.metrics import controllability, metric_spec
 
     metric_spec(condition)  # an unknown condition fails before anything runs
+    if grid_folder is not None:
+        from controlkit.files import check_output_folder
+
+        check_output_folder(grid_folder, "grid_folder")
     params = {**_stored_params(control, condition), **(preprocessor_params or {})}
     missing_maps = any(pair.condition is None for pair in pairs)
     condition_fn = make_condition_fn(condition, params) if missing_maps else None
@@ -146,9 +151,10 @@ def _save_grid(folder: Path, index: int, condition: np.ndarray, image: Any) -> N
     """condition (R, R, 3) uint8 | the generated image (PIL), resized to the image's height."""
     import numpy as np
 
+    from controlkit.files import atomic_path
     from controlkit.image import load_image, resize_to, to_pil
 
     picture = load_image(image)
     grid = np.concatenate([resize_to(condition, (picture.shape[1], picture.shape[0])), picture], axis=1)
-    folder.mkdir(parents=True, exist_ok=True)
-    to_pil(grid).save(folder / f"{index:05d}.png")
+    with atomic_path(folder / f"{index:05d}.png") as temporary:
+        to_pil(grid).save(temporary, format="PNG")

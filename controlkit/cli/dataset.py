@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlkit.cli.common import HelpFormatter, parse_assignments
+from controlkit.errors import ControlkitError
 
 if TYPE_CHECKING:
     from training.data.checks import CheckReport
@@ -44,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = actions.add_parser(
         "check", help="report every bad pair", formatter_class=HelpFormatter, epilog=EPILOG,
-        description="Decode every pair of SOURCE and report each bad one; exit status 1 if any.",
+        description="Decode every pair of SOURCE and report each bad one; exit status 1 if any. A folder of images "
+        "is searched recursively, as `dataset build` searches it.",
     )
     check.add_argument("source", metavar="SOURCE", help="manifest, prompt.json or folder (see the formats below)")
     check.add_argument("-p", "--preprocessor", help="condition maps will be computed with this preprocessor")
@@ -56,7 +58,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     build = actions.add_parser(
         "build", help="annotate a folder of images into pairs", formatter_class=HelpFormatter, epilog=EPILOG,
         description="Annotate IMAGES_DIR (searched recursively) into OUT/conditions/ and write OUT/manifest.jsonl "
-        "with image paths relative to OUT. Existing maps are kept (the run resumes) unless --overwrite.",
+        "with image paths relative to OUT. Existing maps are kept (the run resumes) unless --overwrite. A pair "
+        "without a caption is unusable (dataset check reports it, training skips it): images without one are "
+        "listed, and a folder where no image has one is refused before any work. OUT is checked first: not a file, "
+        "writable, outside IMAGES_DIR.",
     )
     build.add_argument("images", metavar="IMAGES_DIR", help="folder of images")
     build.add_argument("-p", "--preprocessor", required=True, help="registry name (see `controlkit preprocessors`)")
@@ -122,37 +127,49 @@ def _print_check(source: str, report: CheckReport) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from controlkit.files import check_output_folder
     from training.data.building import build_dataset
 
     _check_workers(args.workers)
     _check_preprocessor_name(args.preprocessor)
     if not Path(args.images).is_dir():
         raise argparse.ArgumentTypeError(f"IMAGES_DIR must be a folder, got {Path(args.images)}")
+    if Path(args.output).resolve().is_relative_to(Path(args.images).resolve()):
+        raise argparse.ArgumentTypeError(f"-o {args.output} lies inside IMAGES_DIR {args.images}: its maps would "
+                                         "be read as images the next time; choose a folder outside it")
+    check_output_folder(args.output, "-o")  # a file, a path under one, no permission: before any work
     try:
         built = build_dataset(
             args.images, args.preprocessor, args.output, params=parse_assignments(args.params, "--set"),
             workers=args.workers, overwrite=args.overwrite, caption_from=args.caption_from, progress=not args.quiet,
         )
+    except ControlkitError:  # the data's problem (e.g. no captions), not the command line's: exit status 1
+        raise
     except (ValueError, TypeError) as error:  # an unknown preprocessor parameter: a usage error
         raise argparse.ArgumentTypeError(str(error)) from None
     report, uncaptioned = built.annotation, built.uncaptioned
     for source, reason in report.failed:
         print(f"failed: {reason if str(source) in reason else f'{source}: {reason}'}", file=sys.stderr)
     for source in uncaptioned[:10]:
-        print(f"no caption: {source} (write {source.with_suffix('.txt').name})", file=sys.stderr)
+        text = source.with_suffix(".txt")
+        fix = f"re-save {text.name} as UTF-8" if text.exists() else f"write {text.name}"
+        print(f"no caption: {source} ({fix})", file=sys.stderr)
     if len(uncaptioned) > 10:
         print(f"no caption: {len(uncaptioned) - 10} more", file=sys.stderr)
     print(
         f"{args.preprocessor}: {len(report.written)} maps written, {len(report.skipped)} already there, "
         f"{len(report.failed)} failed; {built.manifest}: {len(built.records)} pairs"
-        + (f", {len(uncaptioned)} without caption" if uncaptioned else "")
+        + (f", {len(uncaptioned)} without caption (dataset check reports them and training skips them until "
+           "they have one: add the captions and run build again)" if uncaptioned else "")
     )
     return 0 if built.ok else 1
 
 
 def _check_workers(workers: int) -> None:
-    if workers < 1:
-        raise argparse.ArgumentTypeError(f"--workers must be at least 1, got {workers}")
+    from training.config_rules import MAX_WORKERS
+
+    if not 1 <= workers <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"--workers must be in [1, {MAX_WORKERS}], got {workers}")
 
 
 def _check_preprocessor_name(name: str) -> None:

@@ -60,6 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from controlkit.control import Control
+    from controlkit.files import check_output_folder
     from controlkit.pipeline import load_base
     from training.data.dataset import load_pairs
     from training.evaluation import evaluate_controlnet
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     metric_spec(name)  # an unknown condition fails before any model is loaded
     _check_numbers(args)
     params = parse_assignments(args.params, "--set")
+    if args.output is not None:
+        check_output_folder(args.output, "--output")  # before hours of generation, not after
     pairs = load_pairs(args.data)[: args.limit]
     base = load_base(args.base, device=args.device)
     control = Control.from_pretrained(path, None, unet=base.unet, scale=args.scale)
@@ -93,12 +96,22 @@ def _one_controlnet(text: str) -> tuple[str, str]:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    if args.steps < 1:
-        raise argparse.ArgumentTypeError(f"--steps must be at least 1, got {args.steps}")
-    if args.limit is not None and args.limit < 1:
-        raise argparse.ArgumentTypeError(f"--limit must be at least 1, got {args.limit}")
-    if args.resolution < 8 or args.resolution % 8:
-        raise argparse.ArgumentTypeError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    """Every numeric option in its range, before anything is loaded (usage errors, exit status 2)."""
+    from controlkit.control import MAX_SCALE
+    from training.config_rules import MAX_INFERENCE_STEPS, MAX_RESOLUTION, SEED_LIMIT
+
+    rules = (
+        ("--steps", args.steps, 1 <= args.steps <= MAX_INFERENCE_STEPS, f"in [1, {MAX_INFERENCE_STEPS}]"),
+        ("--limit", args.limit, args.limit is None or args.limit >= 1, "at least 1"),
+        ("--resolution", args.resolution, args.resolution % 8 == 0 and 8 <= args.resolution <= MAX_RESOLUTION,
+         f"a positive multiple of 8 up to {MAX_RESOLUTION}"),
+        ("--seed", args.seed, 0 <= args.seed < SEED_LIMIT, "in [0, 2**63)"),
+        ("--guidance", args.guidance, math.isfinite(args.guidance) and args.guidance >= 0, "a finite number >= 0"),
+        ("--scale", args.scale, math.isfinite(args.scale) and 0 <= args.scale <= MAX_SCALE, f"in [0, {MAX_SCALE}]"),
+    )
+    for option, value, ok, rule in rules:
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{option} must be {rule}, got {value}")
 
 
 def _report(args: argparse.Namespace, name: str, metric: Any, keys: list[str], skipped: int) -> None:

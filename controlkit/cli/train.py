@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from controlkit.cli.common import HelpFormatter
 
@@ -45,10 +46,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.config import load_config, to_toml
+    from training.config_rules import machine_settings
+    from training.data.conditions import config_condition_fn
 
     config = load_config(args.config, args.overrides)
     if args.check:
+        config_condition_fn(config.data)  # bad preprocessor parameter values fail here, as in the run
         print(to_toml(config, with_docs=True), end="")
+        for note in machine_settings(config)[1]:  # what the run would change on this machine
+            print(f"note: {note}", file=sys.stderr)
         return 0
     from training.engine.trainer import train
 
@@ -67,3 +73,4 @@ def run(args: argparse.Namespace) -> int:
     suffix = f" ({'; '.join(notes)})" if notes else ""
     print(f"trained {result.step} steps; model: {result.output}; last checkpoint: {result.checkpoint}{suffix}")
     return 0
+

@@ -37,7 +37,8 @@ class BuildReport:
         annotation: the maps written, skipped (already there) and failed (source, reason).
         manifest: the manifest written.
         records: its records, in the order of the images (sorted per folder); a failed image has none.
-        uncaptioned: images whose caption is empty (their records are written with prompt "").
+        uncaptioned: images whose caption is empty (their records are written with prompt ""; `dataset check`
+            reports them and training skips them until a re-run with their captions).
     """
 
     annotation: AnnotateReport
@@ -47,7 +48,8 @@ class BuildReport:
 
     @property
     def ok(self) -> bool:
-        """Every image got its map (uncaptioned images are not failures: the check reports them)."""
+        """Every image got its map (uncaptioned images are listed in `uncaptioned`, and `dataset check` reports
+        them as bad pairs)."""
         return self.annotation.ok
 
 
@@ -75,30 +77,52 @@ def build_dataset(
         caption_from: "txt" (same-stem .txt files, stripped) or "filename" (underscores and dashes as spaces).
         progress: show a progress bar on stderr.
 
+    The captions follow the rule `controlkit dataset check` and training apply: a pair without one is unusable.
+    So a build in which no image has a caption is refused before any work; images without one are listed in
+    `uncaptioned` (their records are written, so that adding the captions and re-running completes them).
+
     Raises:
-        ConfigError: `images_dir` is not a folder, or an unknown `caption_from`.
+        ConfigError: `images_dir` is not a folder, `output` lies inside it (its maps would be taken for images
+            on the next run), an unknown `caption_from`, or no image has a caption.
+        OutputError: `output` cannot be written (checked before any work).
         ValueError: an unknown preprocessor or parameter (from the registry).
     """
+    from controlkit.files import check_output_folder
     from preprocessors.batch import annotate_paths, plan_jobs, progress_bar
-    from preprocessors.registry import get_spec
+    from preprocessors.registry import get_preprocessor
 
     images, output = Path(images_dir), Path(output)
     if not images.is_dir():
         raise ConfigError(f"images_dir must be a folder, got {images}")
     if caption_from not in CAPTION_SOURCES:
         raise ConfigError(f"caption_from must be one of {', '.join(CAPTION_SOURCES)}, got {caption_from!r}")
+    if output.resolve().is_relative_to(images.resolve()):
+        raise ConfigError(f"output {output} lies inside images_dir {images}: its maps would be read as images "
+                          "the next time; choose a folder outside it")
     conditions = output / "conditions"
-    keypoints = hasattr(get_spec(preprocessor).load_class(), "keypoints")  # pose: keep the JSON too
+    # Built once here so that a bad name or parameter fails before anything is written; pose: keep its JSON too.
+    keypoints = hasattr(get_preprocessor(preprocessor, **(params or {})), "keypoints")
+    jobs = plan_jobs([images], conditions, keypoints=keypoints)
+    prompts = {job.source: caption(job.source, caption_from) for job in jobs}
+    if not any(prompts.values()):
+        example = jobs[0].source.with_suffix(".txt").name
+        raise ConfigError(
+            f"no image in {images} has a caption: caption_from 'txt' reads same-stem .txt files (e.g. {example}) "
+            "and there are none, so every pair would be unusable; write them, or use the file names "
+            "(--caption-from filename)"
+        )
+    check_output_folder(output, "output")
     report = annotate_paths(
         [images], preprocessor, conditions, params=params, workers=workers, overwrite=overwrite,
         keypoints=keypoints, progress=progress_bar if progress else None,
     )
-    failed = {Path(source) for source, _ in report.failed}
+    # no record without its map: inputs that failed, and those a stopped run never started
+    failed = {Path(source) for source, _ in report.failed} | {Path(source) for source in report.not_started}
     records, uncaptioned = [], []
-    for job in plan_jobs([images], conditions, keypoints=keypoints):
+    for job in jobs:
         if job.source in failed:
             continue
-        prompt = caption(job.source, caption_from)
+        prompt = prompts[job.source]
         if not prompt:
             uncaptioned.append(job.source)
         records.append({

@@ -135,14 +135,35 @@ def make_condition_fn(
             f"unknown parameter(s) {', '.join(unknown)} for preprocessor '{preprocessor}'; "
             f"valid: {', '.join(sorted(valid)) or 'none'}"
         )
+    both = sorted(set(params) & set(ranges))
+    if both:  # a drawn value would silently replace the fixed one
+        raise ConfigError(
+            f"preprocessor '{preprocessor}': {', '.join(both)} both fixed (preprocessor_params) and randomised "
+            "(randomize); keep one"
+        )
     function = PreprocessorCondition(preprocessor, params, ranges)
     import numpy as np
 
     try:  # build once with a draw, so bad values and missing weights fail now, not in a DataLoader worker
         function.preprocessor_for(function.draw(np.random.default_rng(0)))
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"preprocessor '{preprocessor}': {error}") from None
+        message = str(error)
+        prefix = f"preprocessor '{preprocessor}': "
+        raise ConfigError(message if message.startswith(prefix) else prefix + message) from None
     return function
+
+
+def config_condition_fn(data: Any) -> PreprocessorCondition | None:
+    """The condition function a `[data]` config section (`training.config.DataConfig`) names: its
+    `preprocessor` with `preprocessor_params` and `randomize`, or None without a preprocessor.
+
+    Raises:
+        ConfigError: as `make_condition_fn`.
+    """
+    if not data.preprocessor:
+        return None
+    ranges = {name: tuple(bounds) for name, bounds in data.randomize.items()}
+    return make_condition_fn(data.preprocessor, data.preprocessor_params, ranges)
 
 
 def _check_range(name: str, value: Any) -> tuple[float, float]:
@@ -155,11 +176,18 @@ def _check_range(name: str, value: Any) -> tuple[float, float]:
 
 
 def _is_integer_parameter(preprocessor: str, params: Mapping[str, Any], name: str) -> bool:
-    """An int default (or an int given in `params`) makes a randomised parameter integer-valued."""
+    """An int default, an int given in `params`, or a declared int type (`detect_resolution: int | None`, whose
+    default is None) makes a randomised parameter integer-valued."""
+    import re
+
     from preprocessors.registry import get_spec
 
-    default = params.get(name, get_spec(preprocessor).parameters().get(name))
-    return isinstance(default, int) and not isinstance(default, bool)
+    spec = get_spec(preprocessor)
+    default = params.get(name, spec.parameters().get(name))
+    if isinstance(default, int) and not isinstance(default, bool):
+        return True
+    declared = spec.parameter_types().get(name, "")
+    return bool(re.fullmatch(r"int( \| None)?|None \| int|Optional\[int\]", declared))
 
 
 class ConditionCache:
@@ -196,15 +224,15 @@ class ConditionCache:
         return condition
 
     def put(self, path: Path, condition: np.ndarray, function_key: str) -> None:
+        """Store one map (RGB uint8). Raises OutputError when the cache cannot be written (nothing half-written)."""
         import cv2
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        label = path.parent / "key.txt"  # which preprocessor and parameters the folder's maps came from
-        if not label.exists():
-            label.write_text(function_key + "\n", encoding="utf-8")
         ok, encoded = cv2.imencode(".png", condition[..., ::-1])  # RGB -> OpenCV's BGR order
         if not ok:
             raise ControlkitError(f"{path}: could not encode the condition map as PNG")
+        label = path.parent / "key.txt"  # which preprocessor and parameters the folder's maps came from
+        if not label.exists():
+            write_bytes_atomic(label, (function_key + "\n").encode("utf-8"))
         write_bytes_atomic(path, encoded.tobytes())
 
 

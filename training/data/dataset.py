@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from controlkit.errors import ConfigError, ControlkitError
+from controlkit.errors import ConfigError, ControlkitError, OutputError, first_line
 from training.data.conditions import ConditionCache, make_condition_fn, source_identity
 from training.data.sources import DatasetCell, Pair, load_pairs
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from training.config import DataConfig
 
 __all__ = ["Pair", "PairedDataset", "collate_pairs", "load_pairs", "load_training_pairs", "make_condition_fn",
-           "check_pair"]
+           "check_pair", "read_image", "read_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +128,14 @@ class PairedDataset:
 
         from controlkit.control import condition_tensor
 
+        if pair.problem is not None:
+            raise ControlkitError(pair.problem)
         prompt = _check_caption(pair.prompt)
         crop_rng, condition_rng = self.generators(index)
-        image_source = _source(pair.image)
+        image_source = read_source(pair.image, "image")
         image = read_image(image_source, "image")
         if pair.condition is not None:
-            condition = read_image(_source(pair.condition), "condition")
+            condition = read_image(read_source(pair.condition, "condition"), "condition")
             check_alignment(image, condition)
             condition = _resize_short_side(_match_size(condition, image), self.resolution)
             image = _resize_short_side(image, self.resolution)
@@ -163,7 +165,11 @@ class PairedDataset:
                 return cached
         condition = _as_map(self.condition_fn(image, rng), image)
         if cache_path is not None:
-            self.cache.put(cache_path, condition, function_key)
+            try:
+                self.cache.put(cache_path, condition, function_key)
+            except OutputError as error:  # a cache that cannot be written is no reason to drop the pair
+                logger.warning("condition cache off: %s", error)
+                self.cache = None
         return condition
 
     def _crop_origin(self, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
@@ -232,13 +238,16 @@ def check_pair(pair: Pair, *, conditions_computed: bool = False) -> PairCheck:
         preprocessor that found nothing, e.g. no person for pose), which teaches the model to ignore it.
     """
     found = PairCheck()
-    try:
-        _check_caption(pair.prompt)
-    except ControlkitError as error:
-        found.problems.append(str(error))
+    if pair.problem is not None:
+        found.problems.append(pair.problem)
+    else:
+        try:
+            _check_caption(pair.prompt)
+        except ControlkitError as error:
+            found.problems.append(str(error))
     image = condition = None
     try:
-        image = read_image(_source(pair.image), "image")
+        image = read_image(read_source(pair.image, "image"), "image")
     except ControlkitError as error:
         found.problems.append(str(error))
     if pair.condition is None:
@@ -246,7 +255,7 @@ def check_pair(pair: Pair, *, conditions_computed: bool = False) -> PairCheck:
             found.problems.append("no condition map, and no preprocessor configured to compute one")
     else:
         try:
-            condition = read_image(_source(pair.condition), "condition")
+            condition = read_image(read_source(pair.condition, "condition"), "condition")
         except ControlkitError as error:
             found.problems.append(str(error))
     if condition is not None and condition.min() == condition.max():
@@ -259,8 +268,29 @@ def check_pair(pair: Pair, *, conditions_computed: bool = False) -> PairCheck:
     return found
 
 
+def read_source(reference: Any, role: str) -> Any:
+    """What `load_image` reads for one image of a pair: a path, bytes or array as given, or a Hugging Face
+    dataset cell read now.
+
+    Raises:
+        ControlkitError: the cell could not be read (any error of the dataset library), named with `role`.
+    """
+    if not isinstance(reference, DatasetCell):
+        return reference
+    try:
+        return reference.read()
+    except Exception as error:  # a broken Arrow file or cell is this pair's problem, not the run's
+        raise ControlkitError(f"{role}: row {reference.row}, column {reference.column!r} cannot be read "
+                              f"({type(error).__name__}: {first_line(error)})") from None
+
+
 def read_image(source: Any, role: str) -> np.ndarray:
-    """`load_image` with the role ("image" or "condition") in the error message."""
+    """`load_image` with the role ("image" or "condition") in the error message: every failure to read or decode
+    one file (an `ImageError`) is that pair's one-line problem.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
     from controlkit.image import load_image
 
     try:
@@ -289,10 +319,6 @@ def _check_caption(prompt: Any) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ControlkitError("empty caption; write one for this image")
     return prompt.strip()
-
-
-def _source(reference: Any) -> Any:
-    return reference.read() if isinstance(reference, DatasetCell) else reference
 
 
 def _match_size(condition: np.ndarray, image: np.ndarray) -> np.ndarray:

@@ -19,8 +19,12 @@ Formats `load_pairs` accepts (detected from the path, in this order):
        ROOT/images/<stem>.txt              the caption of <stem>, or instead
        ROOT/captions.jsonl                 one {"stem": "<stem>", "prompt": "..."} per line
 
-5. A flat folder of images with same-stem `.txt` captions (`photo.jpg` + `photo.txt`), for conditions computed
+5. A folder of images with same-stem `.txt` captions (`photo.jpg` + `photo.txt`), for conditions computed
    with a preprocessor.
+
+Folders are searched recursively everywhere, as `controlkit dataset build` searches them: in a layout a stem
+is the path below `images/` without its suffix (`sub/cat` pairs `images/sub/cat.jpg` with
+`conditions/sub/cat.png`).
 
 Structural problems (a line that is not JSON, a line without an image) raise `ConfigError` listing every
 such line; problems with single pairs (a missing or corrupt file, an empty caption) are left for
@@ -31,12 +35,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 from controlkit.errors import ConfigError, ControlkitError
-from controlkit.image import is_image_file
 
 #: The most structural problems listed in one error message.
 _MAX_LISTED = 10
@@ -73,12 +77,15 @@ class Pair:
         condition: the condition map (same kinds), or None when it is to be computed from the image.
         prompt: the caption.
         key: names the pair in reports (the image's path as written in the source, or `row N`).
+        problem: what makes the pair unusable that reading the source already found (a caption file that is
+            not UTF-8 text), or None; reported and skipped like any bad pair.
     """
 
     image: ImageRef
     condition: ImageRef | None
     prompt: str
     key: str
+    problem: str | None = None
 
 
 def load_pairs(
@@ -121,23 +128,49 @@ def load_pairs(
     return pairs
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, record, problem) of every non-blank line of a JSON-lines file; `problem` is None for a line
+    that parsed, else why it did not (record None).
+
+    Lines end at b"\n" only (a trailing "\r" is dropped): U+2028, U+0085 and the other characters that
+    `str.splitlines` also breaks at are valid inside a JSON string, e.g. in a caption. Each line is decoded as UTF-8
+    on its own, so one bad byte is that line's problem (a byte-order mark at the start of the file is ignored).
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield number, None, f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line), None
+        except json.JSONDecodeError as error:
+            yield number, None, f"not JSON ({error.msg})"
+
+
 def _read_json_lines(path: Path) -> list[Pair]:
     """A JSON-lines file with either manifest keys (image/condition/prompt) or fill50k keys."""
     root = path.parent
     pairs: list[Pair] = []
     problems: list[str] = []
-    text = path.read_text(encoding="utf-8")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            problems.append(f"line {number}: not JSON ({error.msg})")
-            continue
+    for number, record, problem in json_lines(path):
         pair = _pair_from_record(record, root) if isinstance(record, dict) else None
-        if pair is None:
-            problems.append(f"line {number}: needs an 'image' (or fill50k 'target') path")
+        if problem is None and pair is None:
+            problem = "needs an 'image' (or fill50k 'target') path"
+        if problem is not None:
+            problems.append(f"line {number}: {problem}")
             continue
         pairs.append(pair)
     if problems:
@@ -161,14 +194,28 @@ def _pair_from_record(record: dict, root: Path) -> Pair | None:
     )
 
 
+def find_images(folder: Path) -> list[Path]:
+    """Every image file under `folder`, by the rule `controlkit dataset build` annotates them with
+    (`preprocessors.batch.image_files`: recursive, sorted by path), so that `dataset check` of a folder sees the
+    same pairs as a build of it."""
+    from preprocessors.batch import image_files
+
+    return image_files(folder)
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return path.relative_to(folder).as_posix()
+
+
 def _images_by_stem(folder: Path) -> dict[str, Path]:
+    """Image files under `folder` (recursively) by their path relative to it without the suffix ('sub/cat')."""
     found: dict[str, Path] = {}
     duplicates: list[str] = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and is_image_file(path):
-            if path.stem in found:
-                duplicates.append(f"{found[path.stem].name} and {path.name}")
-            found[path.stem] = path
+    for path in find_images(folder):
+        stem = _relative(path.with_suffix(""), folder)
+        if stem in found:
+            duplicates.append(f"{_relative(found[stem], folder)} and {_relative(path, folder)}")
+        found[stem] = path
     if duplicates:
         raise ConfigError(f"{folder}: several images share a stem ({'; '.join(duplicates[:_MAX_LISTED])}); rename one")
     return found
@@ -185,20 +232,17 @@ def _read_layout(root: Path) -> list[Pair]:
             condition = None
         else:  # a missing map stays a (missing) path so that the pair is reported, not silently dropped
             condition = str(conditions.get(stem, conditions_dir / f"{stem}.*"))
-        prompt = captions.get(stem, "") if captions is not None else _read_caption(image.with_suffix(".txt"))
-        pairs.append(Pair(str(image), condition, prompt, key=f"images/{image.name}"))
+        prompt, problem = (captions.get(stem, ""), None) if captions is not None else _read_caption(image)
+        key = f"images/{_relative(image, root / 'images')}"
+        pairs.append(Pair(str(image), condition, prompt, key=key, problem=problem))
     return pairs
 
 
 def _read_captions_jsonl(path: Path) -> dict[str, str]:
     captions: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} line {number}: not JSON ({error.msg})") from None
+    for number, record, problem in json_lines(path):
+        if problem is not None:
+            raise ConfigError(f"{path} line {number}: {problem}")
         if not isinstance(record, dict) or not isinstance(record.get("stem"), str):
             raise ConfigError(f'{path} line {number}: expected {{"stem": "<image stem>", "prompt": "..."}}')
         prompt = record.get("prompt", "")
@@ -206,21 +250,27 @@ def _read_captions_jsonl(path: Path) -> dict[str, str]:
     return captions
 
 
-def _read_caption(path: Path) -> str:
-    """The caption file's text, stripped; an absent file gives "" (reported as an empty caption)."""
+def _read_caption(image: Path) -> tuple[str, str | None]:
+    """(caption, problem) from the image's same-stem .txt file: its text, stripped; an absent file gives ""
+    (reported as an empty caption); an unreadable one gives "" and the problem, for that pair alone."""
+    path = image.with_suffix(".txt")
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8").strip(), None
     except FileNotFoundError:
-        return ""
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: caption is not UTF-8 text; re-save it as UTF-8") from None
+        return "", None
+    except UnicodeDecodeError as error:
+        return "", f"empty caption: {path.name} is not UTF-8 text (byte {error.start}); re-save it as UTF-8"
+    except OSError as error:
+        return "", f"empty caption: {path.name} cannot be read ({error.strerror or error})"
 
 
 def _read_flat_folder(root: Path) -> list[Pair]:
-    images = _images_by_stem(root)
-    return [
-        Pair(str(image), None, _read_caption(image.with_suffix(".txt")), key=image.name) for image in images.values()
-    ]
+    """Images found as `dataset build` finds them (recursively), each with its same-stem .txt caption."""
+    pairs = []
+    for image in find_images(root):
+        prompt, problem = _read_caption(image)
+        pairs.append(Pair(str(image), None, prompt, key=_relative(image, root), problem=problem))
+    return pairs
 
 
 def _read_hf_dataset(path: Path, image_column: str, conditioning_column: str, caption_column: str) -> list[Pair]:

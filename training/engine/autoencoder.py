@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlkit.files import atomic_path
 from training.engine.loop import backward_if_finite, finish_step
 from training.engine.run import ema_weights, step_positions
 
@@ -114,17 +115,22 @@ class AutoencoderRecipe:
     def export(self, run: "Run") -> Path:
         """OUTPUT/model: the base folder with the trained VAE (EMA weights when `ema.use_for_output`)."""
         from controlkit.sd_pipelines import load_pipeline_folder
+        from training.engine.export import export_errors, model_folder
 
         folder = run.output_dir / "model"
         run.accelerator.wait_for_everyone()
-        if run.accelerator.is_main_process:
-            with ema_weights(run, when=run.config.ema.use_for_output):
-                vae = self.vae.eval()
-                vae.register_to_config(scaling_factor=latent_scaling_factor(vae, self.first_images(SCALING_SAMPLES)))
-                save_reconstructions(vae, self.first_images(run.config.validation.count),
-                                     run.output_dir / "validation" / "reconstructions.png")
-                load_pipeline_folder(self.base_path, vae=vae).save_pretrained(folder, safe_serialization=True)
-        run.accelerator.wait_for_everyone()
+        try:
+            if run.accelerator.is_main_process:
+                with ema_weights(run, when=run.config.ema.use_for_output), export_errors(run):
+                    vae = self.vae.eval()
+                    vae.register_to_config(
+                        scaling_factor=latent_scaling_factor(vae, self.first_images(SCALING_SAMPLES)))
+                    save_reconstructions(vae, self.first_images(run.config.validation.count),
+                                         run.output_dir / "validation" / "reconstructions.png")
+                    with model_folder(folder) as temporary:
+                        load_pipeline_folder(self.base_path, vae=vae).save_pretrained(temporary, safe_serialization=True)
+        finally:
+            run.accelerator.wait_for_everyone()  # the other processes must not wait for a main process that failed
         return folder
 
     def first_images(self, count: int) -> "torch.Tensor":
@@ -193,5 +199,5 @@ def save_reconstructions(vae: Any, pixels: "torch.Tensor", path: Path) -> None:
     vae.train(was_training)
     rows = [torch.cat(list(images.float().clamp(-1, 1)), dim=2) for images in (pixels, reconstructed)]
     grid = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(grid)).save(path)
+    with atomic_path(path) as temporary:  # a later run never finds a half-written grid
+        Image.fromarray(np.ascontiguousarray(grid)).save(temporary, format="PNG")

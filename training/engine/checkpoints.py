@@ -12,13 +12,14 @@ It is written into `tmp-checkpoint-<step>` in the same folder, every file flushe
 place; only then are old checkpoints rotated out (`total_limit`). A folder without a valid `complete.json` is not
 a checkpoint: `latest` skips it, and a kill at any moment leaves the previous checkpoint loadable. Sharded engines
 (DeepSpeed, FSDP) write their model and optimizer shards through `accelerator.save_state` into `engine/`.
+
+Lineage (which checkpoint descends from which, what `latest` and rotation pick): training/engine/lineage.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +27,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import CheckpointError
+from training.engine.lineage import (
+    MANIFEST,
+    PREFIX,
+    Checkpoint,
+    Lineage,
+    checkpoint_name,
+    continue_lineage,
+    read_manifest,
+    rotate,
+    scan_checkpoints,
+)
 from training.engine.statefile import fsync_dir, fsync_file, read_state, write_state
 
 if TYPE_CHECKING:
     import torch
 
-PREFIX, TEMP_PREFIX, MANIFEST = "checkpoint-", "tmp-checkpoint-", "complete.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+TEMP_PREFIX = "tmp-checkpoint-"
+__all__ = [
+    "FREE_KEYS", "MANIFEST", "PREFIX", "TEMP_PREFIX", "Checkpoint", "Lineage", "TrainingObjects", "capture_rng",
+    "checkpoint_dir", "checkpoint_name", "config_drift", "continue_lineage", "like", "list_checkpoints",
+    "load_checkpoint", "load_trained_state", "resolve_resume", "restore_rng", "rotate", "save_checkpoint",
+    "scan_checkpoints", "trained_state", "verify_checkpoint",
+]
 
 #: Config keys that may change between a checkpoint and its resumption without changing what is trained.
 FREE_KEYS = (
@@ -63,17 +80,14 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint under `root`, oldest first; anything else is ignored."""
-    found = []
-    for path in Path(root).glob(f"{PREFIX}*") if Path(root).is_dir() else ():
-        match = _NAME.match(path.name)
-        if match and _is_complete(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    """(step, folder) of every complete checkpoint under `root`, oldest first by write order (the last one is
+    what `latest` resumes)."""
+    return [(entry.step, entry.path) for entry in scan_checkpoints(root)]
 
 
 def resolve_resume(root: str | Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: None for a fresh run or for 'latest' with none saved yet.
+    """The checkpoint to resume from: None for a fresh run or for 'latest' with none saved yet ('latest' is the
+    newest by write order, which after a rewind is the rewound run's newest, not the highest step).
 
     Raises:
         CheckpointError: an explicit folder that is missing or incomplete.
@@ -81,8 +95,8 @@ def resolve_resume(root: str | Path, resume: str) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(root)
-        return found[-1][1] if found else None
+        found = scan_checkpoints(root)
+        return found[-1].path if found else None
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint.resume: {resume} is not a folder; pass a checkpoint folder or 'latest'")
@@ -93,20 +107,23 @@ def resolve_resume(root: str | Path, resume: str) -> Path | None:
 
 def save_checkpoint(
     accelerator: Any, root: str | Path, step: int, objects: TrainingObjects, state: dict[str, Any], *,
-    total_limit: int = 0,
+    total_limit: int = 0, lineage: Lineage | None = None,
 ) -> Path:
     """Write a checkpoint of `step` atomically (all processes call this), then rotate old ones out.
 
     Args:
         state: JSON-able run state (data position, counters, config, world size) for state.json.
-        total_limit: checkpoints to keep (0: all); removal happens only after the new one is complete.
+        total_limit: checkpoints to keep (0: all); removal happens only after the new one is complete, takes the
+            oldest by write order, and never the new one or `lineage.protected`.
+        lineage: the run's branch and parent (default: the first branch); its parent becomes the new checkpoint.
 
     Raises:
         CheckpointError: the write failed (disk full, unwritable folder); the temporary folder is removed and
             earlier checkpoints are untouched.
     """
-    root = Path(root)
-    temp, final = root / f"{TEMP_PREFIX}{step:08d}", root / f"{PREFIX}{step:08d}"
+    root, lineage = Path(root), lineage if lineage is not None else Lineage()
+    name = checkpoint_name(step, lineage.branch)
+    temp, final = root / f"{TEMP_PREFIX}{name[len(PREFIX):]}", root / name
     error = None
     if accelerator.is_main_process:
         error = _attempt(lambda: _prepare_temp(root, temp))
@@ -114,7 +131,7 @@ def save_checkpoint(
     if error is None:
         error = _agree(accelerator, _attempt(lambda: _write_files(accelerator, temp, objects, state)))
     if error is None and accelerator.is_main_process:
-        error = _attempt(lambda: _commit(temp, final))
+        error = _attempt(lambda: _commit(temp, final, lineage))
     error = _agree(accelerator, error)
     if error is not None:
         if accelerator.is_main_process:
@@ -122,9 +139,9 @@ def save_checkpoint(
         kept = list_checkpoints(root)
         previous = f"; the previous checkpoint {kept[-1][1]} is intact" if kept else ""
         raise CheckpointError(f"writing the checkpoint of step {step} in {root} failed: {error}{previous}")
+    lineage.parent = final.name
     if accelerator.is_main_process and total_limit:
-        for _, old in list_checkpoints(root)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate(root, total_limit, keep=(final, lineage.protected))
     accelerator.wait_for_everyone()
     return final
 
@@ -188,12 +205,14 @@ def _write_files(accelerator: Any, temp: Path, objects: TrainingObjects, state: 
     write_state(temp / "state", full_state)
 
 
-def _commit(temp: Path, final: Path) -> None:
+def _commit(temp: Path, final: Path, lineage: Lineage) -> None:
     files = {
         str(path.relative_to(temp)): {"size": path.stat().st_size, "sha256": _sha256(path)}
         for path in sorted(temp.rglob("*")) if path.is_file()
     }
-    (temp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    sequence = max((entry.sequence for entry in scan_checkpoints(final.parent)), default=0) + 1
+    record = {"sequence": sequence, "branch": lineage.branch, "parent": lineage.parent}
+    (temp / MANIFEST).write_text(json.dumps({"files": files, "lineage": record}, indent=1))
     fsync_file(temp / MANIFEST)
     fsync_dir(temp)
     if final.exists():  # an earlier run's checkpoint of the same step: replaced only by a complete one
@@ -263,11 +282,7 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def _is_complete(path: Path) -> bool:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        return all((path / name).stat().st_size == entry["size"] for name, entry in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return read_manifest(path) is not None
 
 
 def _sha256(path: Path) -> str:

@@ -40,13 +40,13 @@ class DiffusionRecipe:
         return self.parts.trained
 
     def load_data(self, run: "Run") -> tuple[Any, list[int] | None]:
-        from training.data.dataset import PairedDataset, image_as_condition, load_training_pairs, make_condition_fn
+        from training.data.conditions import config_condition_fn
+        from training.data.dataset import PairedDataset, image_as_condition, load_training_pairs
 
         config, data = run.config, run.config.data
         condition_fn = image_as_condition if config.model.kind == "base" else None  # a base model uses none
         if data.preprocessor:
-            ranges = {name: tuple(bounds) for name, bounds in data.randomize.items()}
-            condition_fn = make_condition_fn(data.preprocessor, data.preprocessor_params, ranges)
+            condition_fn = config_condition_fn(data)
         dataset = PairedDataset(
             load_training_pairs(data), resolution=data.resolution, center_crop=data.center_crop,
             condition_fn=condition_fn, cache_dir=data.condition_cache_dir or None, on_bad_pair=data.on_bad_pair,

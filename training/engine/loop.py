@@ -17,18 +17,16 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from controlkit.errors import ControlkitError
 from training.data.batching import epoch_ranges
-from training.engine.run import LoopState, log_metrics, make_loader, save_checkpoint
+from training.engine.run import LoopState, TrainingDiverged, log_metrics, make_loader, save_checkpoint
 
 if TYPE_CHECKING:
     from training.engine.run import Run
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
-
-class TrainingDiverged(ControlkitError):
-    """Too many non-finite losses in a row."""
+__all__ = ["STOP_SIGNALS", "StopFlag", "TrainingDiverged", "apply_update", "backward_if_finite", "finish_step",
+           "run_loop"]
 
 
 class StopFlag:

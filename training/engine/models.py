@@ -44,9 +44,12 @@ def trained_parameters(trained: dict[str, "torch.nn.Module"]) -> list["torch.nn.
 
 
 def resolve_base(base: str) -> Path:
-    """`model.base` as a folder: a path, else a folder of that name in $CONTROLKIT_MODELS."""
-    from controlkit.weights import models_dir, resolve_weights
+    """`model.base` as a folder: a short name (`demo`), a path, else a folder of that name in $CONTROLKIT_MODELS."""
+    from controlkit.weights import models_dir, resolve_model_name, resolve_weights
 
+    named = resolve_model_name(base, "base")
+    if isinstance(named, Path):
+        return named
     path = Path(base).expanduser()
     source = path if path.exists() else None
     folder = resolve_weights(

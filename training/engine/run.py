@@ -10,12 +10,14 @@ calls back into the loop.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from controlkit.errors import CheckpointError, ConfigError
+from controlkit.errors import CheckpointError, ConfigError, ControlkitError
 from training.data.batching import BatchLayout, ProcessBatches, StepSampler
 from training.engine import checkpoints
 from training.engine.models import build_ema, build_lr_scheduler, build_optimizer, trained_parameters
@@ -24,6 +26,10 @@ if TYPE_CHECKING:
     import torch
 
     from training.config import TrainConfig
+
+
+class TrainingDiverged(ControlkitError):
+    """Too many non-finite losses in a row, or weights that an update made non-finite."""
 
 
 class Recipe(Protocol):
@@ -91,16 +97,22 @@ class Run:
     last_checkpoint: Path | None = None
     counters: dict[str, int] = field(default_factory=dict)
     on_step: Callable[[int], None] | None = None
+    lineage: checkpoints.Lineage = field(default_factory=checkpoints.Lineage)
 
 
 def create_run(config: "TrainConfig", recipe: Recipe) -> Run:
     """Accelerator, models, optimizer, data order, then the resume asked for (`checkpoint.resume`)."""
     import torch
 
-    accelerator = make_accelerator(config)
+    from training.config_rules import machine_settings
+
+    config, notes = machine_settings(config)
+    for note in notes if os.environ.get("RANK", "0") == "0" else ():
+        print(f"note: {note}", file=sys.stderr)
     output_dir = Path(config.train.output_dir)
     checkpoint_root = checkpoints.checkpoint_dir(output_dir)
-    resume_from = check_output(output_dir, checkpoint_root, config.checkpoint.resume)
+    resume_from = check_output(config, checkpoint_root)  # before the accelerator, which opens OUTPUT/logs
+    accelerator = make_accelerator(config)
     if config.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -159,9 +171,10 @@ def save_checkpoint(run: Run, state: LoopState) -> Path:
         "counters": {"nonfinite_total": state.nonfinite_total, "nonfinite_in_a_row": state.nonfinite_in_a_row,
                      "skipped_pairs": state.skipped_pairs, "overflow_skips": state.overflow_skips},
     }
+    check_finite_weights(run, state.step)
     run.last_checkpoint = checkpoints.save_checkpoint(
         run.accelerator, run.checkpoints, state.step, _checkpointed(run), run_state,
-        total_limit=run.config.checkpoint.total_limit,
+        total_limit=run.config.checkpoint.total_limit, lineage=run.lineage,
     )
     run.last_saved_step = state.step
     return run.last_checkpoint
@@ -183,6 +196,26 @@ def resume(run: Run, path: Path) -> None:
     run.start_step = run.last_saved_step = int(saved["step"])
     run.last_checkpoint = path
     run.counters = saved["counters"]
+    run.lineage = checkpoints.continue_lineage(run.checkpoints, path)
+
+
+def check_finite_weights(run: Run, step: int) -> None:
+    """Refuse to save weights that an update made non-finite (a learning rate too high for the data): such a
+    checkpoint or model would be all NaN. Every process holds the same weights, so all of them raise.
+
+    Raises:
+        TrainingDiverged: naming the step, the learning rate and the last checkpoint that is still good.
+    """
+    import torch
+
+    tensors = list(run.parameters) + (list(run.ema.shadow_params) if run.ema is not None else [])
+    if all(bool(torch.isfinite(tensor).all()) for tensor in tensors):
+        return
+    kept = f"; the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint is not None else ""
+    raise TrainingDiverged(
+        f"the trained weights are not finite after step {step} (an update overflowed); nothing was saved; lower "
+        f"optim.learning_rate (now {run.config.optim.learning_rate:g}){kept}"
+    )
 
 
 def _checkpointed(run: Run) -> checkpoints.TrainingObjects:
@@ -269,12 +302,20 @@ def _cpu_processes() -> bool:
     return not has_accelerator and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def check_output(output_dir: Path, checkpoint_root: Path, resume_from: str) -> Path | None:
-    """Fail early on an unwritable output folder or on a fresh run into an earlier run's folder; returns the
-    checkpoint to resume from (None for a fresh run)."""
-    import os
+def check_output(config: "TrainConfig", checkpoint_root: Path) -> Path | None:
+    """Fail before any work on an output the run could not write: an unwritable `train.output_dir`, a file where
+    the run writes a folder (or a folder where it writes a file), unwritable cache folders, or a fresh run into an
+    earlier run's folder; and on data sources that do not exist. Returns the checkpoint to resume from (None for
+    a fresh run).
+
+    Raises:
+        ConfigError, OutputError, CheckpointError: one line naming the key or path and the fix.
+    """
     import tempfile
 
+    from controlkit.files import check_output_folder
+
+    output_dir, resume_from = Path(config.train.output_dir), config.checkpoint.resume
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(dir=output_dir, prefix=".write-test-")
@@ -283,6 +324,19 @@ def check_output(output_dir: Path, checkpoint_root: Path, resume_from: str) -> P
     except OSError as error:
         raise ConfigError(f"`train.output_dir` {output_dir} is not writable ({error.strerror or error}); "
                           "choose another folder") from None
+    for path, folder in _run_outputs(config, output_dir):
+        if path.exists() and path.is_dir() != folder:
+            kind, wanted = ("a file", "folder") if folder else ("a folder", "file")
+            raise ConfigError(f"`train.output_dir` {output_dir}: {path} is {kind}, but the run writes its {wanted} "
+                              "there; move it away or choose another train.output_dir")
+    for key, folder in (("data.cache_dir", config.data.cache_dir), ("data.condition_cache_dir",
+                                                                   config.data.condition_cache_dir)):
+        if folder:
+            check_output_folder(folder, f"`{key}`")
+    for key, source in (("data.source", config.data.source), ("validation.source", config.validation.source)):
+        if source and not Path(source).exists():  # found now, not after the models have loaded
+            raise ConfigError(f"`{key}` {source}: no such file or folder; give a manifest (.jsonl), prompt.json "
+                              "or a folder")
     path = checkpoints.resolve_resume(checkpoint_root, resume_from)
     if not resume_from and checkpoints.list_checkpoints(checkpoint_root):
         raise ConfigError(
@@ -290,3 +344,24 @@ def check_output(output_dir: Path, checkpoint_root: Path, resume_from: str) -> P
             "checkpoint.resume=latest, or choose another train.output_dir"
         )
     return path
+
+
+def _run_outputs(config: "TrainConfig", output_dir: Path) -> list[tuple[Path, bool]]:
+    """(path, is a folder) of everything a run writes in `train.output_dir`."""
+    model = config.model
+    outputs = [(output_dir / name, True) for name in ("checkpoints", "logs", "validation")]
+    outputs.append((output_dir / ("controlnet" if model.kind == "controlnet" else "model"), True))
+    if model.kind == "controlnet" and model.unlock_decoder:
+        outputs.append((output_dir / "base", True))
+    if model.kind == "controlnet" and config.checkpoint.save_original:
+        outputs.append((original_path(config), False))
+    if config.data.cache_encodings and not config.data.cache_dir:
+        outputs.append((output_dir / "cache", True))
+    return outputs
+
+
+def original_path(config: "TrainConfig") -> Path:
+    """OUTPUT/<output folder name>.safetensors: the ControlNet in the original key format
+    (`checkpoint.save_original`)."""
+    output = Path(config.train.output_dir)
+    return output / f"{output.resolve().name}.safetensors"

@@ -119,8 +119,10 @@ class Validator:
     def _save(self, step: int, grid: "np.ndarray") -> None:
         from PIL import Image
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(self.folder / f"step-{step:08d}.png")
+        from controlkit.files import atomic_path
+
+        with atomic_path(self.folder / f"step-{step:08d}.png") as temporary:
+            Image.fromarray(grid).save(temporary, format="PNG")
         for tracker in self.run_ref.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("validation", grid, step, dataformats="HWC")
