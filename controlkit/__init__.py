@@ -1,10 +1,10 @@
 """controlkit: spatial control of Stable Diffusion with ControlNet.
 
     >>> import controlkit
-    >>> base = controlkit.load_base("models/sd15")
-    >>> canny = controlkit.Control.from_pretrained("models/cn-canny", image="photo.jpg",
+    >>> base = controlkit.load_base("demo")               # the shipped demo base; or a folder / single file
+    >>> canny = controlkit.Control.from_pretrained("demo:canny", image="photo.jpg", unet=base.unet,
     ...                                           preprocessor=controlkit.get_preprocessor("canny"))
-    >>> controlkit.generate(base, "a red house", [canny], seed=1).images[0].save("house.png")
+    >>> controlkit.generate(base, "a red cube", [canny], seed=1).images[0].save("cube.png")
 
 Importing this package is cheap and has no side effects: the public names below are looked up in their modules
 the first time they are used, and torch, diffusers and the preprocessor models are imported only then.

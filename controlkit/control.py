@@ -23,7 +23,8 @@ scales 0 is not run at all.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,12 @@ RESIZE_MODES = ("resize", "crop", "fill")
 #: (lllyasviel/ControlNet gradio apps) uses 0.825: for SD1.x's 13 outputs the first gets 0.825 ** 12 = 0.099,
 #: just under a tenth (0.826 ** 12 is just over), as diffusers' logspace(-1, 0, 13) starts at exactly 0.1.
 SOFT_DECAY = 0.825
+#: Largest control `scale` and layer weight. The reference UIs offer 0-2; residuals grow linearly with the scale,
+#: and far past a few the U-Net's features are swamped (a gray or NaN image after the whole run), so 10 bounds a
+#: typo (a missing decimal point) without refusing any setting that makes sense.
+MAX_SCALE = 10.0
+#: The options `check_control_options` checks, with the defaults of `Control`.
+OPTION_DEFAULTS = {"scale": 1.0, "start": 0.0, "end": 1.0, "mode": "balanced", "layer_weights": None}
 
 
 @dataclass
@@ -53,12 +60,13 @@ class Control:
         image: the condition map (anything `controlkit.image.load_image` accepts), or a photo when
             `preprocessor` is given.
         controlnet: a diffusers `ControlNetModel` made for the base U-Net.
-        scale: overall strength (the reference's "control strength"; 0 switches the control off).
+        scale: overall strength in [0, `MAX_SCALE`] (the reference's "control strength"; 0 switches it off).
         start: fraction of the denoising steps after which the control starts acting, in [0, 1).
         end: fraction of the steps after which it stops, in (start, 1].
         mode: "balanced", "prompt" or "control" (see the module docstring).
         layer_weights: optional per-output weights (13 for SD1.x: 12 skip outputs from high to low resolution,
-            then the middle block); they replace the mode's per-layer profile and are multiplied by `scale`.
+            then the middle block), each in [0, `MAX_SCALE`]; they replace the mode's per-layer profile and are
+            multiplied by `scale`.
         preprocessor: a callable photo -> condition map (e.g. a `preprocessors` entry); None when `image`
             already is the map.
         conditional_only: apply this control on the conditional side of guidance only (implied by
@@ -78,22 +86,16 @@ class Control:
     metadata: ConditionMetadata | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"control `mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not _is_finite_number(self.scale):
-            raise ConfigError(f"control `scale` must be a finite number, got {self.scale!r}")
-        if not (0.0 <= self.start < self.end <= 1.0):
-            raise ConfigError(
-                f"control `start` and `end` must satisfy 0 <= start < end <= 1, got start={self.start}, "
-                f"end={self.end}"
-            )
+        if self.layer_weights is not None and isinstance(self.layer_weights, Iterable):
+            self.layer_weights = list(self.layer_weights)  # once: an iterator would be used up by the checks
+        check_control_options(self.scale, self.start, self.end, self.mode, self.layer_weights)
         if self.layer_weights is not None:
-            weights = list(self.layer_weights)
+            weights = self.layer_weights
             expected = num_control_layers(self.controlnet)
-            if len(weights) != expected or not all(_is_finite_number(w) for w in weights):
+            if len(weights) != expected:
                 raise ConfigError(
-                    f"control `layer_weights` must be {expected} finite numbers (one per ControlNet output), "
-                    f"got {self.layer_weights!r}"
+                    f"control `layer_weights` must be {expected} finite numbers (one per ControlNet output), got "
+                    f"{len(weights)}"
                 )
             self.layer_weights = weights
 
@@ -107,7 +109,8 @@ class Control:
         torch_dtype: torch.dtype | None = None,
         **options: Any,
     ) -> Control:
-        """Load a ControlNet (a diffusers folder or file, or an original-format checkpoint) with its metadata.
+        """Load a ControlNet (a diffusers folder or file, an original-format checkpoint, or a demo name such as
+        "demo:canny") with its metadata.
 
         Example:
             >>> control = Control.from_pretrained("controlnet-canny/", "edges.png", unet=base.unet, scale=0.8,
@@ -119,8 +122,11 @@ class Control:
         metadata says.
         """
         from controlkit.checkpoint import load_controlnet
+        from controlkit.weights import resolve_model_name
 
-        controlnet, metadata = load_controlnet(source, unet=unet, torch_dtype=torch_dtype)
+        check_control_options(**{key: options.get(key, value) for key, value in OPTION_DEFAULTS.items()})  # first
+        controlnet, metadata = load_controlnet(resolve_model_name(source, "controlnet"), unet=unet,
+                                               torch_dtype=torch_dtype)
         options.setdefault("conditional_only", bool(metadata is not None and metadata.conditional_only))
         return cls(image, controlnet, metadata=metadata, **options)
 
@@ -290,5 +296,47 @@ def control_residuals(
     return total[:-1], total[-1]
 
 
+def check_control_options(
+    scale: Any, start: Any, end: Any, mode: Any, layer_weights: Sequence[Any] | None = None, *,
+    prefix: str = "control ",
+) -> None:
+    """Raise ConfigError (one line: the option, its allowed range, the value) unless every option of a `Control`
+    is in range; `prefix` is how the message names the control (the CLI passes "control NAME: ")."""
+    if mode not in MODES:
+        raise ConfigError(f"{prefix}`mode` must be one of {', '.join(MODES)}, got {mode!r}")
+    check_number(scale, f"{prefix}`scale`", 0.0, MAX_SCALE)
+    if not (_is_finite_number(start) and _is_finite_number(end) and 0.0 <= start < end <= 1.0):
+        raise ConfigError(
+            f"{prefix}`start` and `end` must satisfy 0 <= start < end <= 1, got start={start!r}, end={end!r}"
+        )
+    if layer_weights is None:
+        return
+    if isinstance(layer_weights, (str, bytes)) or not isinstance(layer_weights, Iterable):
+        raise ConfigError(f"{prefix}`layer_weights` must be a list of numbers, got {layer_weights!r}")
+    for weight in list(layer_weights):
+        check_number(weight, f"{prefix}`layer_weights`", 0.0, MAX_SCALE)
+
+
+def check_number(value: Any, what: str, low: float, high: float | None = None, *, low_open: bool = False) -> float:
+    """`value` as a float if it is a real number (not a bool, not NaN or inf) in [low, high] ((low, high] with
+    `low_open`; no upper end when `high` is None); else ConfigError naming `what` and the range."""
+    real = _is_finite_number(value)
+    above = real and (value > low if low_open else value >= low)
+    if not (above and (high is None or value <= high)):
+        if high is None:
+            span = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            span = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"{what} must be a finite number {span}, got {value!r}")
+    return float(value)
+
+
+def check_integer(value: Any, what: str, low: int, high: int, hint: str = "") -> int:
+    """`value` if it is an integer (not a bool) in low..high; else ConfigError naming `what`, the range and `hint`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ConfigError(f"{what} must be an integer in {low}..{high}, got {value!r}{hint}")
+    return int(value)
+
+
 def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

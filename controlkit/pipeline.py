@@ -16,9 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,24 +29,33 @@ from typing import TYPE_CHECKING, Any
 from controlkit.control import (
     Control,
     PreparedControl,
+    check_integer,
     check_placement,
     condition_tensor,
     fit_image,
     prepare_control,
 )
 from controlkit.controlnet import check_fits
-from controlkit.errors import CheckpointError, ConfigError, ControlkitError, WeightsNotFoundError, first_line
-from controlkit.sd_pipelines import BASE_COMPONENTS, PIPELINE_OPTIONS, load_pipeline_folder, pipeline_from_components
+from controlkit.errors import CheckpointError, ConfigError, ControlkitError
+from controlkit.generation_options import (
+    GenerationWarning,
+    check_generation_options,
+    check_inputs,
+    check_working_size,
+    generation_defaults,
+    native_size,
+    output_size,
+    size_note,
+)
+from controlkit.sampling import MAX_STEPS
+from controlkit.sd_pipelines import BASE_COMPONENTS, pipeline_from_components
+from controlkit.sd_pipelines import load_base, quiet_loading  # noqa: F401  public here too (controlkit.load_base)
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from diffusers import StableDiffusionPipeline
 
-#: The base model's parts that generation uses.
-#: Output sides must be multiples of this (SD's VAE downsamples by 8).
-SIZE_MULTIPLE = 8
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: Held while a prompt is encoded. A tokenizer backed by the `tokenizers` library (transformers 5's CLIPTokenizer)
 #: keeps its padding and truncation settings on the shared object and diffusers' `encode_prompt` changes them
 #: between its calls (max_length, then longest), so two generations encoding at once could pad each other's prompt.
@@ -67,115 +78,14 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-def quiet_loading() -> None:
-    """No per-component progress bars while loading (the command prints one summary line instead), and no
-    transformers notices about optional image processors that Stable Diffusion's safety checker would use."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-
-
-def load_base(
-    source: str | os.PathLike,
-    *,
-    torch_dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    config: str | os.PathLike | None = None,
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion base offline.
-
-    Args:
-        source: a diffusers folder (model_index.json, safetensors weights), a single-file checkpoint
-            (.safetensors, or .ckpt read with torch's weights-only loader), or a hub id that is in the local cache.
-        torch_dtype: weights dtype (default float32).
-        device: where to put it (default: stays on the CPU).
-        config: for a single file, a local diffusers folder of the same architecture whose config files
-            diffusers uses (needed offline unless the hub cache already has the model's config).
-
-    Raises:
-        WeightsNotFoundError: nothing at `source`, or its weights are missing.
-        CheckpointError: the files are there but are not a loadable Stable Diffusion base.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    from controlkit.weights import looks_like_hub_id
-
-    path = Path(source).expanduser()
-    options = {**PIPELINE_OPTIONS, **_dtype_option(torch_dtype)}
-    try:
-        if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise WeightsNotFoundError(
-                    f"base model {source}: not a diffusers folder (no model_index.json); pass a folder written by "
-                    "save_pretrained, or a single .safetensors checkpoint"
-                )
-            base = load_pipeline_folder(path, **_dtype_option(torch_dtype))
-        elif path.is_file():
-            base = _load_single_file(path, config, options)
-        elif looks_like_hub_id(str(source)):
-            base = StableDiffusionPipeline.from_pretrained(str(source), use_safetensors=True, **options)
-        else:
-            raise WeightsNotFoundError(
-                f"base model {source}: no such file or folder; pass a diffusers folder or a single-file checkpoint"
-            )
-    except ControlkitError:
-        raise
-    except OSError as error:
-        raise WeightsNotFoundError(f"base model {source}: weights missing ({first_line(error)})") from None
-    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as error:
-        raise CheckpointError(
-            f"base model {source}: not a loadable Stable Diffusion base ({first_line(error)})"
-        ) from None
-    return base.to(device) if device is not None else base
-
-
-def _dtype_option(dtype: torch.dtype | None) -> dict[str, Any]:
-    """diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name now warns); older releases know only the old."""
-    if dtype is None:
-        return {}
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
-
-
-def _load_single_file(path: Path, config: str | os.PathLike | None, options: dict[str, Any]) -> Any:
-    from diffusers import StableDiffusionPipeline
-
-    from controlkit.safe_load import SAFETENSORS, sniff_format
-
-    kind = sniff_format(path)  # refuses LFS pointers, HTML pages, empty files by content
-    if (kind == SAFETENSORS) != (path.suffix.lower() == ".safetensors"):
-        raise CheckpointError(f"base model {path}: the file is {kind} but named {path.name}; fix its extension")
-    if config is not None and not (Path(config) / "model_index.json").is_file():
-        raise WeightsNotFoundError(f"`config` {config}: not a diffusers folder (no model_index.json)")
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
-
-    try:
-        return StableDiffusionPipeline.from_single_file(
-            str(path), config=None if config is None else str(config), local_files_only=True, **options
-        )
-    except OSError as error:
-        if config is None:
-            raise WeightsNotFoundError(
-                f"base model {path}: diffusers needs this model's config files to read a single file offline; "
-                "pass a local diffusers folder of the same architecture as `config` (--base-config)"
-            ) from None
-        raise error
-    except SingleFileComponentError as error:  # a checkpoint without the text encoder, VAE or U-Net
-        raise CheckpointError(f"base model {path}: {first_line(error)}") from None
-
-
 def generate(
     base: StableDiffusionPipeline,
     prompt: str,
     controls: Sequence[Control] = (),
     *,
     negative_prompt: str | None = None,
-    steps: int = 20,
-    guidance_scale: float = 7.5,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     seed: int | None = None,
     scheduler: str = "unipc",
     num_images: int = 1,
@@ -190,25 +100,31 @@ def generate(
     """Generate images from a prompt with zero or more controls, on the base's device and dtype.
 
     Args:
-        base: the frozen base (`load_base`, `controlkit.sd_pipelines.pipeline_from_components`, or any diffusers SD pipeline).
+        base: the frozen base (`load_base`, `controlkit.sd_pipelines.pipeline_from_components`, or any diffusers
+            SD pipeline).
         prompt: the text prompt.
         controls: `Control`s; their residuals are summed. Each ControlNet must be on the base's device and dtype
             (`Control.from_pretrained(..., unet=base.unet)` loads it so); it is never moved or converted here.
         negative_prompt: the unconditional side of guidance (default: the empty prompt).
-        steps: scheduler steps (img2img runs the last `strength` fraction of them).
-        guidance_scale: classifier-free guidance; 1 or less turns it off.
-        seed: seed of a CPU `torch.Generator`, so the same seed gives the same image on every device (within
-            floating-point tolerance); None draws one (returned in the result).
+        steps: scheduler steps, 1..999 (img2img runs the last `strength` fraction of them); default: what the
+            base records (`SETTINGS_FILE`; the demo base: 20), else 20.
+        guidance_scale: classifier-free guidance, finite and >= 0; 1 or less turns it off; default: what the base
+            records (the demo base: 2), else 7.5.
+        seed: seed of a CPU `torch.Generator`, an integer in 0..2**64-1, so the same seed gives the same image on
+            every device (within floating-point tolerance); None draws one (returned in the result).
         scheduler: a name in `controlkit.sampling.SCHEDULERS` (UniPC by default).
-        num_images: images per call (one batch).
-        width, height: output size in pixels, multiples of 8; a missing side is taken from the first control
-            image (else the init image, else the base's default), rounded to a multiple of 8.
+        num_images: images per call (one batch); num_images x width x height is at most `MAX_BATCH_PIXELS`.
+        width, height: output size in pixels, multiples of 8, at most `MAX_IMAGE_PIXELS` together; a missing side
+            is taken from the first control image (else the init image, else the base's native size), rounded to
+            a multiple of 8. A size far from the base's native one (over 2x the area, or under half) warns
+            (`GenerationWarning`).
         resize_mode: how control and init images of another size are fitted: "resize", "crop" or "fill".
         init_image: a starting image for img2img; None for text-to-image.
         strength: img2img noise strength in (0, 1]; 1 ignores the init image's content.
-        eta: DDIM eta (ignored by other schedulers).
+        eta: DDIM eta in [0, 1] (ignored by other schedulers).
         output_type: "pil", "np", "pt" or "latent".
 
+    Every option is checked (`check_generation_options`) before any model runs or any latent is allocated.
     Nothing passed in is modified (modules, their scheduler, images), and each call has its own scheduler and
     generator, so several threads may generate with one base and the same ControlNets at the same time.
     """
@@ -217,15 +133,35 @@ def generate(
     from controlkit.image import load_image
     from controlkit.sampling import denoise, make_scheduler
 
-    _check_options(steps, guidance_scale, num_images, strength, output_type)
+    defaults = generation_defaults(base)
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    check_generation_options(steps=steps, guidance_scale=guidance_scale, seed=seed, num_images=num_images,
+                             width=width, height=height, strength=strength, eta=eta, output_type=output_type,
+                             resize_mode=resize_mode)
     parts = _components(base)
     unet, device, dtype = parts["unet"], parts["unet"].device, parts["unet"].dtype
-    maps = [_condition_map(control) for control in controls]
+    train_steps = int(parts["scheduler"].config.get("num_train_timesteps", MAX_STEPS + 1))
+    check_integer(steps, "`steps`", 1, min(MAX_STEPS, train_steps - 1), " (fewer than the base's training timesteps)")
+    scheduler_object = make_scheduler(scheduler, parts["scheduler"].config)
+    controls = check_inputs(prompt, negative_prompt, controls)
+    pictures = [load_image(control.image) for control in controls]
     init = None if init_image is None else load_image(init_image)
-    size = _output_size(width, height, maps[0] if maps else init, unet.config.sample_size * base.vae_scale_factor)
+    native = native_size(base)
+    reference, origin = (pictures[0], "the first control image's") if pictures else (init, "the init image's")
+    size = output_size(width, height, None if reference is None else reference.shape[:2], native)
+    if width and height:
+        origin = ""
+    elif reference is None:
+        origin = "the base's native"
+    check_working_size(size, num_images, origin=origin)  # before a preprocessor runs on a huge image
+    maps = [_condition_map(control, picture) for control, picture in zip(controls, pictures)]
+    note = size_note(size, native)
+    if note:
+        warnings.warn(note, GenerationWarning, stacklevel=2)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    pipe = pipeline_from_components({**parts, "scheduler": make_scheduler(scheduler, parts["scheduler"].config)},
+    pipe = pipeline_from_components({**parts, "scheduler": scheduler_object},
                                     img2img=init is not None)  # this call's own scheduler over the shared modules
     guided = guidance_scale > 1.0
     with torch.no_grad():
@@ -252,19 +188,6 @@ def generate(
     return GenerationResult(images, seed, settings)
 
 
-def _check_options(steps: int, guidance_scale: float, num_images: int, strength: float, output_type: str) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"`steps` must be a positive integer, got {steps!r}")
-    if not isinstance(num_images, int) or num_images < 1:
-        raise ConfigError(f"`num_images` must be a positive integer, got {num_images!r}")
-    if not (0.0 < strength <= 1.0):
-        raise ConfigError(f"`strength` must be in (0, 1], got {strength!r}")
-    if guidance_scale < 0:
-        raise ConfigError(f"`guidance_scale` must be >= 0, got {guidance_scale!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise ConfigError(f"`output_type` must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-
-
 def _components(base: Any) -> dict[str, Any]:
     components = getattr(base, "components", None)
     missing = [name for name in BASE_COMPONENTS if not components or components.get(name) is None]
@@ -276,30 +199,11 @@ def _components(base: Any) -> dict[str, Any]:
     return {name: components[name] for name in BASE_COMPONENTS}
 
 
-def _condition_map(control: Control) -> np.ndarray:
+def _condition_map(control: Control, image: np.ndarray) -> np.ndarray:
     """The control's condition map as RGB uint8 (H, W, 3): the image itself, or the preprocessor's output."""
     from controlkit.image import load_image
 
-    image = load_image(control.image)
     return image if control.preprocessor is None else load_image(control.preprocessor(image))
-
-
-def _output_size(
-    width: int | None, height: int | None, reference: np.ndarray | None, default: int
-) -> tuple[int, int]:
-    for name, value in (("width", width), ("height", height)):
-        if value is not None and (not isinstance(value, int) or value <= 0 or value % SIZE_MULTIPLE):
-            lower = max(SIZE_MULTIPLE, (value // SIZE_MULTIPLE) * SIZE_MULTIPLE) if isinstance(value, int) else 512
-            raise ConfigError(
-                f"`{name}` must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}; "
-                f"use {lower} or {lower + SIZE_MULTIPLE}"
-            )
-    ref_h, ref_w = reference.shape[:2] if reference is not None else (default, default)
-    return width or _round_side(ref_w), height or _round_side(ref_h)
-
-
-def _round_side(pixels: int) -> int:
-    return max(SIZE_MULTIPLE, int(round(pixels / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
 
 
 def _start(
@@ -360,3 +264,43 @@ def _decode(pipe: Any, latents: torch.Tensor, output_type: str, generator: torch
             f"the VAE produced NaN/inf pixels in {decoded.dtype}; decode in float32 (an fp16 VAE overflows)"
         )
     return pipe.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=[True] * len(decoded))
+
+
+def output_paths(output: str | os.PathLike, num_images: int, what: str = "output") -> list[Path]:
+    """OUT.png for one image, OUT-0.png, OUT-1.png, ... for several, each checked writable before any work
+    (OutputError naming `what`, e.g. "-o", otherwise)."""
+    from controlkit.files import check_output_file
+
+    target = check_output_file(output, what, suffix=".png")
+    if num_images == 1:
+        return [target]
+    paths = [target.with_name(f"{target.stem}-{index}.png") for index in range(num_images)]
+    for path in paths:
+        check_output_file(path, what, suffix=".png")
+    return paths
+
+
+def save_images(images: list[Any], paths: list[Path], record: dict[str, Any]) -> list[Path]:
+    """Write each PIL image to its path as PNG, whole or not at all (`record`, e.g. the settings, goes into a
+    "controlkit" text chunk as JSON); returns the paths written. A failed write (a full disk) does not stop the
+    others: those written are kept, and one OutputError line says which were written and why the others failed."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from controlkit.errors import OutputError
+    from controlkit.files import atomic_path
+
+    info = PngInfo()
+    info.add_text("controlkit", json.dumps(record, sort_keys=True))
+    written, failed = [], []
+    for image, path in zip(images, paths):
+        try:
+            with atomic_path(path) as temporary:
+                image.save(temporary, format="PNG", pnginfo=info)
+            written.append(path)
+        except OutputError as error:
+            failed.append(str(error))
+    if failed:
+        kept = f"{len(written)} of {len(paths)} written ({', '.join(str(p) for p in written)})" if written else \
+            "no image written"
+        raise OutputError(f"{kept}; {failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
+    return written

@@ -29,6 +29,15 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
 }
 DEFAULT_SCHEDULER = "unipc"
+#: Most denoising steps: one less than SD's 1000 training timesteps. With as many steps as training timesteps,
+#: UniPC, DDIM and DPM++ step past the end of their schedules (an IndexError or assertion deep in diffusers), and
+#: more would repeat timesteps; a base trained with fewer timesteps lowers the bound to its count less one.
+MAX_STEPS = 999
+#: Largest seed: `torch.Generator.manual_seed` takes 64-bit unsigned values (negative ones wrap around to them).
+MAX_SEED = 2**64 - 1
+#: What generation uses when neither the caller nor the base (the settings its folder records) says otherwise.
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 7.5
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:

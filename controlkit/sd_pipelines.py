@@ -1,16 +1,26 @@
-"""The one way controlkit builds diffusers' Stable Diffusion pipeline objects.
+"""The one way controlkit builds and reads diffusers' Stable Diffusion pipeline objects: `load_base` and the
+folder reader behind it, `pipeline_from_components`, and the settings a base folder records for generation.
 
 Every pipeline is built without a safety checker or its feature extractor: the bases controlkit loads (diffusers
 folders, single files, the tiny and demo models) often ship none, and a checker decides nothing about control.
+Every component is loaded in one dtype (float32 unless asked): transformers keeps a text encoder in its stored
+dtype, and a float16 text encoder beside a float32 U-Net cannot run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlkit.control import check_integer, check_number
+from controlkit.errors import CheckpointError, ConfigError, ControlkitError, WeightsNotFoundError, first_line
+from controlkit.sampling import MAX_STEPS
+
 if TYPE_CHECKING:
+    import torch
     from diffusers import StableDiffusionPipeline
 
 #: The options of every Stable Diffusion pipeline controlkit builds.
@@ -18,6 +28,12 @@ PIPELINE_OPTIONS: Mapping[str, Any] = {"safety_checker": None, "feature_extracto
                                        "requires_safety_checker": False}
 #: The components of a Stable Diffusion base.
 BASE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: The file beside a base's model_index.json that records the settings it was made for:
+#: {"generation": {"steps": 20, "guidance_scale": 2.0}}; `load_base` keeps them on the pipeline it returns (in
+#: `SETTINGS_ATTRIBUTE`) and `controlkit.pipeline.generate` takes its defaults from them.
+SETTINGS_FILE = "controlkit.json"
+SETTINGS_ATTRIBUTE = "controlkit_settings"
+SETTINGS_KEYS = ("steps", "guidance_scale")
 
 
 def pipeline_from_components(components: Mapping[str, Any], *, img2img: bool = False) -> Any:
@@ -30,9 +46,160 @@ def pipeline_from_components(components: Mapping[str, Any], *, img2img: bool = F
 
 
 def load_pipeline_folder(folder: str | os.PathLike, **options: Any) -> "StableDiffusionPipeline":
-    """A diffusers Stable Diffusion folder read offline (safetensors only); `options` go to `from_pretrained`
-    (components to use instead of the folder's, a dtype)."""
+    """A diffusers Stable Diffusion folder read offline (safetensors only), every component it reads in one dtype
+    (float32 unless `options` give `dtype`); `options` go to `from_pretrained` (components to use instead of the
+    folder's, which are taken as they are)."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
+    if "dtype" not in options and "torch_dtype" not in options:
+        options.update(_dtype_option(torch.float32))
     return StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                                    **PIPELINE_OPTIONS, **options)
+
+
+def recorded_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    """The generation settings a base folder records in its `SETTINGS_FILE` ({} when it has none), checked:
+    {"steps": an integer in 1..999, "guidance_scale": a finite number >= 0}, either key optional."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        block = json.loads(path.read_text(encoding="utf-8")).get("generation", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{path}: not a JSON object ({first_line(error)}); fix or delete it") from None
+    if not isinstance(block, dict) or set(block) - set(SETTINGS_KEYS):
+        raise ConfigError(f"{path}: \"generation\" may hold only {', '.join(SETTINGS_KEYS)}, got {block!r}")
+    if "steps" in block:
+        check_integer(block["steps"], f"{path}: `steps`", 1, MAX_STEPS)
+    if "guidance_scale" in block:
+        check_number(block["guidance_scale"], f"{path}: `guidance_scale`", 0.0)
+    return dict(block)
+
+
+def write_recorded_settings(folder: str | os.PathLike, **settings: Any) -> Path:
+    """Record `settings` (`SETTINGS_KEYS`) in FOLDER/`SETTINGS_FILE`, atomically; returns the file's path."""
+    from controlkit.files import write_bytes_atomic
+
+    path = Path(folder) / SETTINGS_FILE
+    write_bytes_atomic(path, (json.dumps({"generation": settings}, indent=2, sort_keys=True) + "\n").encode())
+    recorded_settings(folder)  # what was written reads back in range
+    return path
+
+
+def quiet_loading() -> None:
+    """No per-component progress bars while loading (the command prints one summary line instead), and no
+    transformers notices about optional image processors that Stable Diffusion's safety checker would use."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def load_base(
+    source: str | os.PathLike,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    config: str | os.PathLike | None = None,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion base offline, every component in one dtype.
+
+    Args:
+        source: "demo" (the shipped demo base, `controlkit.weights.resolve_model_name`), a diffusers folder
+            (model_index.json, safetensors weights), a single-file checkpoint (.safetensors, or .ckpt read with
+            torch's weights-only loader), or a hub id that is in the local cache.
+        torch_dtype: weights dtype of every component (default float32, whatever the files store: transformers
+            would keep a float16 text encoder in float16 beside a float32 U-Net, which cannot run together).
+        device: where to put it (default: stays on the CPU); checked to exist before anything is loaded.
+        config: for a single file, a local diffusers folder of the same architecture whose config files
+            diffusers uses (needed offline unless the hub cache already has the model's config).
+
+    A folder's `SETTINGS_FILE` (the steps and guidance it was made for) is kept on the pipeline, and `generate`
+    uses it as its defaults.
+
+    Raises:
+        WeightsNotFoundError: nothing at `source`, or its weights are missing.
+        CheckpointError: the files are there but are not a loadable Stable Diffusion base.
+        ConfigError: `device` does not exist here, or the folder's settings file is out of range.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from controlkit.devices import usable_device
+    from controlkit.weights import looks_like_hub_id, resolve_model_name
+
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ConfigError(f"`torch_dtype` must be a torch dtype such as torch.float16, got {torch_dtype!r}")
+    source = resolve_model_name(source, "base")
+    target = None if device is None else usable_device(device)
+    dtype_option = _dtype_option(torch.float32 if torch_dtype is None else torch_dtype)
+    path = Path(source).expanduser()
+    settings: dict[str, Any] = {}
+    try:
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise WeightsNotFoundError(
+                    f"base model {source}: not a diffusers folder (no model_index.json); pass a folder written by "
+                    "save_pretrained, or a single .safetensors checkpoint"
+                )
+            settings = recorded_settings(path)
+            base = load_pipeline_folder(path, **dtype_option)
+        elif path.is_file():
+            base = _load_single_file(path, config, {**PIPELINE_OPTIONS, **dtype_option})
+        elif looks_like_hub_id(str(source)):
+            base = StableDiffusionPipeline.from_pretrained(str(source), use_safetensors=True, **PIPELINE_OPTIONS,
+                                                           **dtype_option)
+        else:
+            raise WeightsNotFoundError(
+                f"base model {source}: no such file or folder; pass \"demo\", a diffusers folder or a single-file "
+                "checkpoint"
+            )
+    except ControlkitError:
+        raise
+    except OSError as error:
+        raise WeightsNotFoundError(f"base model {source}: weights missing ({first_line(error)})") from None
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"base model {source}: not a loadable Stable Diffusion base ({first_line(error)})"
+        ) from None
+    setattr(base, SETTINGS_ATTRIBUTE, settings)
+    return base.to(target) if target is not None else base
+
+
+def _dtype_option(dtype: torch.dtype | None) -> dict[str, Any]:
+    """diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name now warns); older releases know only the old."""
+    if dtype is None:
+        return {}
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def _load_single_file(path: Path, config: str | os.PathLike | None, options: dict[str, Any]) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    from controlkit.safe_load import SAFETENSORS, sniff_format
+
+    kind = sniff_format(path)  # refuses LFS pointers, HTML pages, empty files by content
+    if (kind == SAFETENSORS) != (path.suffix.lower() == ".safetensors"):
+        raise CheckpointError(f"base model {path}: the file is {kind} but named {path.name}; fix its extension")
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise WeightsNotFoundError(f"`config` {config}: not a diffusers folder (no model_index.json)")
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=None if config is None else str(config), local_files_only=True, **options
+        )
+    except OSError as error:
+        if config is None:
+            raise WeightsNotFoundError(
+                f"base model {path}: diffusers needs this model's config files to read a single file offline; "
+                "pass a local diffusers folder of the same architecture as `config` (--base-config)"
+            ) from None
+        raise error
+    except SingleFileComponentError as error:  # a checkpoint without the text encoder, VAE or U-Net
+        raise CheckpointError(f"base model {path}: {first_line(error)}") from None

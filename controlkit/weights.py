@@ -98,3 +98,47 @@ def _from_hub(what: str, repo_id: str, filename: str | None) -> Path:
             f"{what} weights: {repo_id} is not a local file or folder, and fetching it as a hub id failed "
             f"({reason}); pass an existing local path"
         ) from None
+
+
+#: The shipped demo models (controlkit/demo/weights): a path table in the core, so that every loader resolves
+#: the short names below without importing the demo floor.
+DEMO_WEIGHTS_DIR = Path(__file__).resolve().parent / "demo" / "weights"
+#: The short name of the demo base; "demo:NAME" names the demo ControlNet for condition NAME.
+DEMO_NAME = "demo"
+#: The conditions with a shipped demo ControlNet, in the order the demo shows them.
+DEMO_CONTROLNETS = ("canny", "lineart", "softedge", "pose", "depth", "normal")
+MODEL_KINDS = ("base", "controlnet")
+
+
+def resolve_model_name(source: str | os.PathLike, kind: str) -> str | os.PathLike:
+    """The folder (a Path) a short model name stands for, else `source` unchanged (a path or hub id for the loader).
+
+    Short names, accepted wherever a base (`kind` "base") or a ControlNet ("controlnet") is named:
+    "demo" is the shipped demo base, "demo:canny" (any of `DEMO_CONTROLNETS`) its ControlNet for that condition.
+    The short name wins over a local folder called "demo"; write "./demo" for that folder.
+
+    Raises:
+        WeightsNotFoundError: a demo name of the wrong kind or condition, or demo weights missing from the install.
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    if not isinstance(source, str) or not (source == DEMO_NAME or source.startswith(DEMO_NAME + ":")):
+        return source
+    names = ", ".join(f"{DEMO_NAME}:{name}" for name in DEMO_CONTROLNETS)
+    condition = source.partition(":")[2]
+    if kind == "base":
+        if condition:
+            raise WeightsNotFoundError(f"{source} is a demo ControlNet, not a base; the demo base is {DEMO_NAME!r}")
+        return _demo_folder(DEMO_WEIGHTS_DIR / "base", "model_index.json", "demo base model")
+    if condition not in DEMO_CONTROLNETS:
+        raise WeightsNotFoundError(f"{source!r} is not a demo ControlNet; the demo ControlNets are {names}")
+    return _demo_folder(DEMO_WEIGHTS_DIR / "controlnets" / condition, "config.json", f"demo {condition} ControlNet")
+
+
+def _demo_folder(folder: Path, marker: str, what: str) -> Path:
+    if not (folder / marker).is_file():
+        raise WeightsNotFoundError(
+            f"{what}: {folder / marker} is missing; reinstall controlkit, or rebuild the demo models: "
+            "python -m controlkit.demo.recipe all (docs/demo.md)"
+        )
+    return folder

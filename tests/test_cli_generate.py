@@ -88,9 +88,10 @@ def test_two_controls_and_img2img(files, tmp_path):
     assert [c["name"] for c in json.loads(Image.open(out).text["controlkit"])["controls"]] == ["a", "b"]
 
 
-def test_preprocess_uses_the_preprocessor_named_in_the_checkpoint(files, tmp_path):
+def test_preprocess_uses_the_preprocessor_named_in_the_checkpoint(files, tmp_path, monkeypatch):
     from preprocessors.registry import get_preprocessor
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the command's thread count is this test's: the same bits
     out = tmp_path / "pre.png"
     code = cli(files, "--controlnet", f"edges={files / 'cn-edges'}", "--control", f"edges={files / 'photo.png'}",
                "--preprocess", "-o", str(out))
@@ -161,3 +162,116 @@ def test_inconsistent_options(files, tmp_path, capsys, extra, message):
     extra = [item.replace("edges.png", str(files / "edges.png")).replace("cn-plain", str(files / "cn-plain"))
              for item in extra]
     assert message in error_of(capsys, cli(files, *extra, "-o", str(tmp_path / "x.png")))
+
+
+def controls_of(files, name="a"):
+    return ["--controlnet", f"{name}={files / 'cn-plain'}", "--control", f"{name}={files / 'edges.png'}"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+        (["--guidance", "-2"], "--guidance must be a finite number >= 0, got -2.0"),
+        (["--steps", "0"], "--steps must be an integer in 1..999, got 0"),
+        (["--seed", "-1"], "--seed must be an integer in 0..18446744073709551615, got -1; leave it out for a random"),
+        (["--seed", str(2**64)], "--seed must be an integer in 0..18446744073709551615"),
+        (["--strength", "nan"], r"--strength must be a finite number in (0, 1], got nan"),
+        (["--width", "40960", "--height", "40960"],
+         "the output size 40960x40960 is over 4.2 MP per image; set a smaller --width and --height"),
+        (["--width", "512", "--height", "512", "--num-images", "17"], "--num-images 17 at 512x512 is 4.5 MP"),
+        (["--num-images", "2000"], "--num-images 2000 at 64x48 (the control image's size) is 6.1 MP"),
+        (["--scale", "a=nan"], r"control a: `scale` must be a finite number in [0, 10], got nan"),
+        (["--end", "a=inf"],
+         "control a: `start` and `end` must satisfy 0 <= start < end <= 1, got start=0.0, end=inf"),
+        (["--device", "nonsense"], "--device 'nonsense': not a device name; use cpu, cuda, cuda:N or mps"),
+    ],
+)
+def test_out_of_range_options_are_one_line_before_anything_loads(files, tmp_path, capsys, extra, message):
+    out = tmp_path / "x.png"
+    assert message in error_of(capsys, cli(files, *controls_of(files), *extra, "-o", str(out)))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_is_not_here_is_one_line(files, tmp_path, capsys):
+    assert "--device 'cuda': no cuda device here" in error_of(
+        capsys, cli(files, *controls_of(files), "--device", "cuda", "-o", str(tmp_path / "x.png")))
+    assert "--device 'cuda:1'" in error_of(
+        capsys, cli(files, *controls_of(files), "--device", "cuda:1", "-o", str(tmp_path / "x.png")))
+
+
+def test_output_problems_are_found_before_the_work(files, tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    message = error_of(capsys, cli(files, *controls_of(files), "-o", str(a_file / "out.png")))
+    assert message == f"error: -o {a_file}: is a file, not a folder; choose a folder"
+    assert "is a folder" in error_of(capsys, cli(files, *controls_of(files), "-o", str(tmp_path)))
+    assert "the output must be a .png path" in error_of(capsys, cli(files, *controls_of(files), "-o", str(a_file)))
+    (tmp_path / "batch-1.png").mkdir()  # the second of the numbered outputs cannot be written
+    message = error_of(capsys, cli(files, *controls_of(files), "--num-images", "2", "-o", str(tmp_path / "batch.png")))
+    assert f"-o {tmp_path / 'batch-1.png'}: is a folder" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch-1.png", "file.txt"]
+
+
+WRITE_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from controlkit.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_write_that_fails_after_the_work_is_one_line_and_leaves_nothing(files, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out" / "sphere.png"
+    completed = subprocess.run(
+        [sys.executable, "-c", WRITE_WITH_A_FILE_SIZE_LIMIT, "generate", "a red sphere", "--base", str(files / "base"),
+         "--steps", "1", "--seed", "3", *controls_of(files), "--num-images", "2", "-o", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 1, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in completed.stderr
+    assert lines[0].startswith("error: no image written; ") and "sphere-0.png: could not be written" in lines[0]
+    assert "(and 1 more)" in lines[0]
+    assert list(out.parent.iterdir()) == []  # no 0-byte PNG, no temporary file
+
+
+def test_a_failed_write_keeps_the_images_already_written_and_says_which(tmp_path):
+    from controlkit.errors import OutputError
+    from controlkit.pipeline import save_images
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")  # appears after the checks, as a full disk would
+    images = [Image.new("RGB", (8, 8), (200, 10, 10))] * 3
+    paths = [tmp_path / "out-0.png", blocker / "out-1.png", tmp_path / "out-2.png"]
+    with pytest.raises(OutputError) as raised:
+        save_images(images, paths, {"seed": 1})
+    message = str(raised.value)
+    assert message.startswith(f"2 of 3 written ({paths[0]}, {paths[2]}); {paths[1]}: could not be written")
+    assert "\n" not in message
+    assert json.loads(Image.open(paths[2]).text["controlkit"]) == {"seed": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "out-0.png", "out-2.png"]
+
+
+def test_defaults_come_from_the_base_and_a_far_size_is_noted(files, tmp_path, capsys):
+    out = tmp_path / "plain.png"
+    assert cli(files, *controls_of(files), "--width", "32", "--height", "32", "-o", str(out)) == 0
+    printed = capsys.readouterr()
+    assert "guidance 7.5" in printed.out  # the tiny base records nothing: the usual default
+    assert printed.err == "note: the output is 32x32 but the base was made for 64x64 (1/4 of the area); set the " \
+        "width and height to 64x64 for its native size\n"
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(photo)
+    code = main(["generate", "a red sphere on a grey floor", "--base", "demo", "--controlnet", "edges=demo:canny",
+                 "--control", f"edges={photo}", "--preprocess", "--seed", "1", "--steps", "2", "-o",
+                 str(tmp_path / "demo.png")])
+    printed = capsys.readouterr()
+    assert code == 0 and "guidance 2," in printed.out
+    assert "note: the output is 128x128 but the base was made for 64x64 (4x the area and about 4x the time)" in \
+        printed.err
+    assert Image.open(tmp_path / "demo.png").size == (128, 128)

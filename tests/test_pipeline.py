@@ -14,6 +14,7 @@ from PIL import Image
 from controlkit.control import Control, fit_image
 from controlkit.controlnet import build_controlnet
 from controlkit.errors import CheckpointError, ConfigError, ControlkitError, ImageError, WeightsNotFoundError
+from controlkit.generation_options import GenerationWarning
 from controlkit.pipeline import generate, load_base
 from controlkit.sd_pipelines import pipeline_from_components
 from controlkit.tiny import TinyConfig, build_components, save_components
@@ -126,7 +127,8 @@ def test_batch_returns_num_images_and_its_first_equals_a_single_run(base, contro
 
 def test_size_defaults_to_the_control_image_rounded_to_multiples_of_8(base, controlnet):
     assert run(base, [Control(edge_map(44, 60), controlnet)]).shape == (1, 48, 64, 3)
-    assert run(base, [Control(edge_map(44, 60), controlnet)], width=32).shape == (1, 48, 32, 3)
+    with pytest.warns(GenerationWarning, match="the output is 32x48 but the base was made for 64x64"):
+        assert run(base, [Control(edge_map(44, 60), controlnet)], width=32).shape == (1, 48, 32, 3)
     assert run(base).shape == (1, 64, 64, 3)  # no control: the U-Net's sample size
 
 
@@ -252,8 +254,9 @@ def test_bad_control_image_is_an_image_error(base, controlnet, tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"steps": 0}, "`steps` must be a positive integer"), ({"num_images": 0}, "`num_images`"),
-     ({"strength": 1.5}, r"`strength` must be in \(0, 1\]"), ({"scheduler": "heun"}, "available: unipc, ddim"),
+    [({"steps": 0}, r"`steps` must be an integer in 1..999, got 0"), ({"num_images": 0}, "`num_images`"),
+     ({"strength": 1.5}, r"`strength` must be a finite number in \(0, 1\]"),
+     ({"scheduler": "heun"}, "available: unipc, ddim"),
      ({"output_type": "jpeg"}, "`output_type` must be one of")],
 )
 def test_bad_generation_options_are_refused(base, options, message):
@@ -267,3 +270,23 @@ def test_non_finite_latents_are_reported_not_returned_as_a_black_image():
         broken["unet"].conv_out.bias.fill_(float("nan"))
     with pytest.raises(ControlkitError, match="NaN/inf latents"):
         run(pipeline_from_components(broken))
+
+
+def test_a_float16_folder_loads_in_one_dtype_and_generates():
+    """The demo base stores float16; transformers would keep its text encoder in float16 beside a float32 U-Net."""
+    from controlkit.weights import DEMO_WEIGHTS_DIR
+
+    loaded = load_base(DEMO_WEIGHTS_DIR / "base")
+    assert {module.dtype for module in (loaded.unet, loaded.vae, loaded.text_encoder)} == {torch.float32}
+    images = generate(loaded, "a red sphere on a grey floor", steps=2, seed=0, output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    half = load_base(DEMO_WEIGHTS_DIR / "base", torch_dtype=torch.bfloat16)
+    assert {module.dtype for module in (half.unet, half.vae, half.text_encoder)} == {torch.bfloat16}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_is_not_here_is_refused_before_loading(saved_base):
+    with pytest.raises(ConfigError, match="device 'cuda': no cuda device here"):
+        load_base(saved_base, device="cuda")
+    with pytest.raises(ConfigError, match="device 'gpu0': not a device name; use cpu, cuda, cuda:N or mps"):
+        load_base(saved_base, device="gpu0")

@@ -1,9 +1,12 @@
-"""Helpers shared by subcommands: parsing `key=value` options and `NAME=VALUE` pairs."""
+"""Helpers shared by subcommands: parsing `key=value` options and `NAME=VALUE` pairs, and notes."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from preprocessors.registry import parse_param_value
@@ -33,3 +36,26 @@ def parse_named(items: Sequence[str] | None, option: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"{option} expects NAME=VALUE, got {item!r}")
         result[key.strip()] = value
     return result
+
+
+@contextmanager
+def notes() -> Iterator[None]:
+    """Within the block, the library's `GenerationWarning`s (a size far from what the base was made for) are one
+    `note: ...` line each on stderr, printed when they happen and each distinct one once (an evaluation generates
+    many times at one size); other warnings are shown as usual."""
+    from controlkit.generation_options import GenerationWarning
+
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", GenerationWarning)
+        shown = warnings.showwarning
+
+        def show(message: Any, category: type, *rest: Any, **options: Any) -> None:
+            if not issubclass(category, GenerationWarning):
+                shown(message, category, *rest, **options)
+            elif str(message) not in seen:
+                seen.add(str(message))
+                print(f"note: {message}", file=sys.stderr, flush=True)
+
+        warnings.showwarning = show
+        yield

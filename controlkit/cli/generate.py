@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 from controlkit.cli.common import HelpFormatter, parse_named
@@ -13,6 +11,8 @@ from controlkit.devices import AUTO, DTYPE_NAMES
 from controlkit.errors import ConfigError
 
 EPILOG = """examples:
+  controlkit generate "a red sphere on a grey floor" --base demo --controlnet canny=demo:canny \\
+      --control canny=photo.jpg --preprocess --width 64 --height 64 -o sphere.png     # the shipped demo models
   controlkit generate "a red house" --base models/sd15 --controlnet canny=models/cn-canny --control canny=edges.png
   controlkit generate "a dancer" --base sd15.safetensors --base-config models/sd15 --controlnet pose=cn-pose \\
       --control pose=photo.jpg --preprocess --mode pose=control --steps 30 --seed 1 -o dancer.png
@@ -25,7 +25,8 @@ DTYPES = (AUTO, *DTYPE_NAMES)
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from controlkit.control import MODES, RESIZE_MODES
-    from controlkit.sampling import DEFAULT_SCHEDULER, SCHEDULERS
+    from controlkit.generation_options import MAX_BATCH_PIXELS, MAX_IMAGE_PIXELS
+    from controlkit.sampling import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, MAX_STEPS, SCHEDULERS
 
     parser = subparsers.add_parser(
         "generate",
@@ -38,9 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("prompt", help="the text prompt")
-    parser.add_argument("--base", required=True, help="diffusers folder or single-file checkpoint of the base")
+    parser.add_argument("--base", required=True,
+                        help="diffusers folder or single-file checkpoint of the base, or demo (the shipped demo base)")
     parser.add_argument("--base-config", help="for a single-file base: a diffusers folder with its config files")
-    parser.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="a ControlNet (repeatable)")
+    parser.add_argument("--controlnet", action="append", metavar="NAME=PATH",
+                        help="a ControlNet (repeatable): a folder or file, or demo:CONDITION (e.g. demo:canny)")
     parser.add_argument("--control", action="append", metavar="NAME=IMAGE", help="its condition image (repeatable)")
     parser.add_argument("--preprocess", action="store_true", help="control images are photos: annotate them first")
     parser.add_argument("--scale", action="append", metavar="NAME=S", help="control strength; 1.0 when not given")
@@ -51,34 +54,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--layer-weights", action="append", metavar="NAME=W1,W2,...", help="one weight per ControlNet output (13)"
     )
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=None, help="seed (CPU generator); random if not given")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps, 1..{MAX_STEPS}; default: what the base records (demo: 20), else 20")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale, >= 0 (1 or less: off); default: what the base "
+                        f"records (demo: 2), else {DEFAULT_GUIDANCE}")
+    parser.add_argument("--seed", type=int, default=None, help="seed (CPU generator), 0..2**64-1; random if not given")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS), help="sampler")
     parser.add_argument("--width", type=int, help="output width, a multiple of 8; default: the control image's")
-    parser.add_argument("--height", type=int, help="output height, a multiple of 8; default: the control image's")
+    parser.add_argument("--height", type=int, help="output height, a multiple of 8; default: the control image's "
+                        f"(width x height at most {MAX_IMAGE_PIXELS / 1e6:.1f} MP, x --num-images at most "
+                        f"{MAX_BATCH_PIXELS / 1e6:.1f} MP)")
     parser.add_argument("--resize-mode", default="resize", choices=RESIZE_MODES, help="fitting other-size images")
     parser.add_argument("--num-images", type=int, default=1, help="images in one batch")
     parser.add_argument("--init-image", help="start from this image (img2img)")
     parser.add_argument("--strength", type=float, default=0.75, help="img2img noise strength in (0, 1]")
-    parser.add_argument("--device", default=None, help="torch device; cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:N, mps); cuda if available, "
+                        "else cpu")
     parser.add_argument("--dtype", default=AUTO, choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
     parser.add_argument("-o", "--output", default="generated.png", help="output PNG")
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from controlkit.devices import device_and_dtype
-    from controlkit.image import load_image
-    from controlkit.pipeline import generate, load_base, quiet_loading
+#: How generate's options are called in messages: by their flags.
+FLAGS = {"steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed", "num_images": "--num-images",
+         "width": "--width", "height": "--height", "strength": "--strength", "resize_mode": "--resize-mode"}
 
-    output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        raise ConfigError(f"-o {args.output}: the output must be a .png path")
+
+def run(args: argparse.Namespace) -> int:
+    from controlkit.devices import device_and_dtype, usable_device
+    from controlkit.generation_options import check_generation_options
+    from controlkit.pipeline import generate, load_base, output_paths, quiet_loading, save_images
+
+    # everything that can be checked is checked before a model loads: options, device, output paths, images
+    check_generation_options(steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                             num_images=args.num_images, width=args.width, height=args.height,
+                             strength=args.strength, resize_mode=args.resize_mode, names=FLAGS)
     images, controlnets, options = _named_options(args)
-    photos = {name: load_image(path) for name, path in images.items()}  # bad images fail before models load
-    if args.init_image is not None:
-        load_image(args.init_image)
+    if args.device is not None:
+        usable_device(args.device, "--device")
+    paths = output_paths(args.output, args.num_images, "-o")
+    photos, init = _read_images(images, args.init_image)
+    _check_size(args, photos, init)
     device, dtype = device_and_dtype(args.device, args.dtype)
     quiet_loading()
     started = time.perf_counter()
@@ -88,23 +105,42 @@ def run(args: argparse.Namespace) -> int:
         for name in images
     ]
     loaded = time.perf_counter()
-    result = generate(
+    result = generate(  # a size far from the base's is one `note:` line (controlkit.cli.common.notes)
         base, args.prompt, controls, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
-        width=args.width, height=args.height, resize_mode=args.resize_mode, init_image=args.init_image,
-        strength=args.strength,
+        width=args.width, height=args.height, resize_mode=args.resize_mode, init_image=init, strength=args.strength,
     )
     record = {**result.settings, "base": str(args.base), "controls": _describe(images, controlnets, controls)}
-    paths = _write_images(result.images, output, record)
+    written = save_images(result.images, paths, record)
     settings = result.settings
     print(
-        f"{len(paths)} image(s) {settings['width']}x{settings['height']}, seed {result.seed}, {args.steps} steps "
-        f"{args.scheduler}, {settings['device']} {settings['dtype']}; load {loaded - started:.1f} s, "
-        f"generate {time.perf_counter() - loaded:.1f} s"
+        f"{len(written)} image(s) {settings['width']}x{settings['height']}, seed {result.seed}, {settings['steps']} "
+        f"steps {args.scheduler}, guidance {settings['guidance_scale']:g}, {settings['device']} {settings['dtype']}; "
+        f"load {loaded - started:.1f} s, generate {time.perf_counter() - loaded:.1f} s"
     )
-    for path in paths:
+    for path in written:
         print(f"  -> {path}")
     return 0
+
+
+def _read_images(images: dict[str, str], init_image: str | None) -> tuple[dict[str, Any], Any]:
+    """Every control image and the init image, read (and refused one line each) before a model loads."""
+    from controlkit.image import load_image
+
+    photos = {name: load_image(path) for name, path in images.items()}
+    return photos, None if init_image is None else load_image(init_image)
+
+
+def _check_size(args: argparse.Namespace, photos: dict[str, Any], init: Any) -> None:
+    """The output size bound, checked now when the size is known without the base (given, or an image's)."""
+    from controlkit.generation_options import check_working_size, output_size
+
+    reference = next(iter(photos.values()), init)
+    if reference is None and (args.width is None or args.height is None):
+        return  # the base's native size: known once it is loaded, and checked then
+    size = output_size(args.width, args.height, None if reference is None else reference.shape[:2], (0, 0))
+    origin = "" if args.width and args.height else ("the control image's" if photos else "the init image's")
+    check_working_size(size, args.num_images, origin=origin, names=FLAGS)
 
 
 def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, Any]]]:
@@ -130,6 +166,10 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
                 options.setdefault(name, {})[key] = convert(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{flag} {name}={text}: not a valid value") from None
+    from controlkit.control import OPTION_DEFAULTS, check_control_options
+
+    for name in images:  # every control's options in range before any model loads
+        check_control_options(**{**OPTION_DEFAULTS, **options.get(name, {})}, prefix=f"control {name}: ")
     return images, controlnets, options
 
 
@@ -165,16 +205,3 @@ def _describe(images: dict[str, str], controlnets: dict[str, str], controls: lis
          "mode": control.mode, "start": control.start, "end": control.end}
         for name, control in zip(images, controls)
     ]
-
-
-def _write_images(images: list[Any], output: Path, record: dict[str, Any]) -> list[Path]:
-    """OUT.png for one image, OUT-0.png, OUT-1.png, ... for several; the settings go into a PNG text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    info.add_text("controlkit", json.dumps(record, sort_keys=True))
-    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(len(images))]
-    for image, path in zip(images, paths):
-        image.save(path, pnginfo=info)
-    return paths

@@ -7,8 +7,10 @@
     geometry/                 the toy-world depth, normal and body-keypoint estimator that measures the depth,
                               normal and pose ControlNets (controlkit/demo/estimator.py)
 
-They work at 64 x 64 pixels on toy-world images (controlkit/demo/toyworld/world.py); docs/demo.md says how they were trained
-and how to reproduce them. Example:
+base/controlkit.json records the settings the demo generates with (20 steps, guidance 2). Every loader also takes
+the models by short name: "demo" (the base) and "demo:CONDITION" (`controlkit.weights.resolve_model_name`). They
+work at 64 x 64 pixels on toy-world images (controlkit/demo/toyworld/world.py); docs/demo.md says how they were
+trained and how to reproduce them. Example:
 
     >>> from controlkit.control import Control
     >>> from controlkit.demo.models import load_demo_base, load_demo_controlnet
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ConfigError, WeightsNotFoundError
+from controlkit.weights import DEMO_CONTROLNETS, DEMO_NAME, DEMO_WEIGHTS_DIR, resolve_model_name
 
 if TYPE_CHECKING:
     import torch
@@ -32,25 +35,26 @@ if TYPE_CHECKING:
 
     from controlkit.controlnet import ConditionMetadata
 
-#: The demo's folder inside the installed package.
-DEMO_DIR = Path(__file__).resolve().parent / "weights"
+#: The demo's folder inside the installed package (the core's table: `controlkit.weights` resolves the short names
+#: "demo" and "demo:CONDITION" to the folders below it for every loader).
+DEMO_DIR = DEMO_WEIGHTS_DIR
 #: The conditions with a demo ControlNet, in the order the demo shows them.
-DEMO_CONDITIONS = ("canny", "lineart", "softedge", "pose", "depth", "normal")
+DEMO_CONDITIONS = DEMO_CONTROLNETS
 #: The side of the demo's images in pixels.
 DEMO_SIZE = 64
 _REBUILD = "reinstall controlkit, or rebuild the demo models: python -m controlkit.demo.recipe all (docs/demo.md)"
 
 
 def base_path() -> Path:
-    """The demo base model's diffusers folder."""
-    return _existing(DEMO_DIR / "base", "model_index.json", "demo base model")
+    """The demo base model's diffusers folder (what the short name "demo" stands for)."""
+    return Path(resolve_model_name(DEMO_NAME, "base"))
 
 
 def controlnet_path(condition: str) -> Path:
-    """The diffusers folder of the demo ControlNet for `condition` (one of `DEMO_CONDITIONS`)."""
+    """The diffusers folder of the demo ControlNet for `condition` (one of `DEMO_CONDITIONS`; "demo:CONDITION")."""
     if condition not in DEMO_CONDITIONS:
         raise ConfigError(f"no demo ControlNet for {condition!r}; the demo has {', '.join(DEMO_CONDITIONS)}")
-    return _existing(DEMO_DIR / "controlnets" / condition, "config.json", f"demo {condition} ControlNet")
+    return Path(resolve_model_name(f"{DEMO_NAME}:{condition}", "controlnet"))
 
 
 def geometry_path() -> Path:

@@ -89,11 +89,15 @@ def pack(runs: Path = RUNS_ROOT, package: Path = PACKAGE_ROOT) -> None:
     from diffusers import UNet2DModel
 
     from controlkit.checkpoint import load_controlnet, save_controlnet
+    from controlkit.demo.showcase import DEMO_GUIDANCE, DEMO_STEPS
     from controlkit.pipeline import load_base
+    from controlkit.sd_pipelines import write_recorded_settings
 
     base = load_base(runs / "base" / "model", torch_dtype=torch.float16)
     shutil.rmtree(package / "base", ignore_errors=True)
     base.save_pretrained(package / "base", safe_serialization=True)
+    # the settings the demo base generates with (steps, guidance), read back by load_base
+    write_recorded_settings(package / "base", steps=DEMO_STEPS, guidance_scale=DEMO_GUIDANCE)
     for condition in CONDITIONS:
         controlnet, metadata = load_controlnet(runs / condition / "controlnet", torch_dtype=torch.float16)
         shutil.rmtree(package / "controlnets" / condition, ignore_errors=True)
