@@ -129,6 +129,6 @@ def _running(pid: int) -> bool:
 def _reason(error: OSError) -> str:
     if error.errno == errno.ENOSPC:
         return "no space left on the device"
-    if error.errno == errno.ENOTDIR:
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):  # EEXIST: mkdir met a file where a folder goes
         return "a part of the path is a file, not a folder"
     return error.strerror or str(error)

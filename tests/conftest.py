@@ -46,3 +46,17 @@ def base(components):
     from controlkit.sd_pipelines import pipeline_from_components
 
     return pipeline_from_components(components)
+
+
+def trained_like_controlnet(unet, seed: int):
+    """A tiny ControlNet for `unet` whose zero convolutions are made random, as after training, so that the
+    condition map reaches the output (a fresh one would leave every image as the base makes it)."""
+    import torch
+
+    from controlkit.controlnet import build_controlnet
+
+    torch.manual_seed(seed)
+    model = build_controlnet(unet, conditioning_embedding_out_channels=(16, 32))
+    for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out):
+        torch.nn.init.normal_(conv.weight, std=0.3)
+    return model.eval()

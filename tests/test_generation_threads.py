@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import trained_like_controlnet
 
 from controlkit.control import Control
-from controlkit.controlnet import build_controlnet
 from controlkit.errors import ConfigError
 from controlkit.pipeline import generate
 from controlkit.sd_pipelines import pipeline_from_components
@@ -31,12 +31,7 @@ CALLS = (
 
 @pytest.fixture(scope="module")
 def controlnet(components):
-    """Zero convolutions made random, as after training, so the condition embedding reaches the output."""
-    torch.manual_seed(4)
-    model = build_controlnet(components["unet"], conditioning_embedding_out_channels=(16, 32))
-    for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out):
-        torch.nn.init.normal_(conv.weight, std=0.3)
-    return model.eval()
+    return trained_like_controlnet(components["unet"], seed=4)
 
 
 def condition_map(seed: int) -> np.ndarray:

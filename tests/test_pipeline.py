@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import trained_like_controlnet
 from PIL import Image
 
 from controlkit.control import Control, fit_image
@@ -28,12 +29,7 @@ PROMPT = "a blue cube on the floor"
 
 @pytest.fixture(scope="module")
 def controlnet(components):
-    """Zero-initialised convolutions made random, as after training, so the condition map matters."""
-    torch.manual_seed(1)
-    model = build_controlnet(components["unet"], conditioning_embedding_out_channels=(16, 32))
-    for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out):
-        torch.nn.init.normal_(conv.weight, std=0.3)
-    return model.eval()
+    return trained_like_controlnet(components["unet"], seed=1)
 
 
 @pytest.fixture(scope="module")
