@@ -118,6 +118,16 @@ def test_example_errors_are_one_line(tmp_path, capsys):
     assert "Unknown parameter(s) thresholds for preprocessor 'canny'" in error and len(error.splitlines()) == 1
 
 
+def test_an_output_that_cannot_be_written_is_found_before_the_models_load(tmp_path, capsys):
+    assert run_script("canny.py", "-o", str(tmp_path / "x.jpg")) == 1
+    assert capsys.readouterr().err.strip().endswith("x.jpg: the output must be a .png path")
+    (tmp_path / "afile").write_text("x")
+    assert run_script("canny.py", "-o", str(tmp_path / "afile" / "x.png")) == 1
+    error = capsys.readouterr().err
+    assert "afile: is a file, not a folder" in error and len(error.splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]  # nothing written, nothing half-written
+
+
 def test_the_training_example_trains_on_circles_and_on_a_folder(tmp_path, capsys):
     from PIL import Image
 

@@ -49,8 +49,10 @@ def parse_args(condition: str, description: str | None, argv: Sequence[str] | No
 
     Raises:
         ConfigError: --base without --controlnet (or the reverse), or a --set item that is not KEY=VALUE.
+        OutputError: -o is not a .png path or cannot be written there.
     """
     from controlkit.demo.showcase import DEMO_GUIDANCE, DEMO_STEPS
+    from controlkit.files import check_output_file
 
     parser = argparse.ArgumentParser(prog=f"examples/{condition}.py", description=description, epilog=EPILOG,
                                      formatter_class=_HelpFormatter)
@@ -70,6 +72,7 @@ def parse_args(condition: str, description: str | None, argv: Sequence[str] | No
     if (args.base is None) != (args.controlnet is None):
         raise ConfigError("--base and --controlnet go together (leave both out to use the demo models)")
     args.params = dict(_assignment(item) for item in args.params)
+    check_output_file(args.output, "-o", suffix=".png")  # before the models load, not after the generation
     return args
 
 
@@ -144,26 +147,25 @@ def _multiple_of_8(side: int) -> int:
 
 def save_panels(images: Sequence[Any], path: str | Path) -> Path:
     """The images (anything `load_image` takes) side by side in one PNG, each resized to the first one's height,
-    with a 4-pixel white gap between them.
+    with a 4-pixel white gap between them; written whole or not at all.
 
     Raises:
-        ConfigError: `path` does not end in .png.
+        OutputError: `path` does not end in .png, or cannot be written (one line; nothing left under its name).
     """
     from PIL import Image
 
+    from controlkit.files import atomic_path, check_output_file
     from controlkit.image import load_image, resize_to
 
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"-o {path}: the output must be a .png path")
+    path = check_output_file(path, "-o", suffix=".png")
     arrays = [load_image(image) for image in images]
     height = arrays[0].shape[0]
     panels = []
     for array in arrays:
         width = max(1, round(array.shape[1] * height / array.shape[0]))
         panels += [resize_to(array, (width, height)), np.full((height, 4, 3), 255, np.uint8)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(panels[:-1], axis=1)).save(path)
+    with atomic_path(path) as temporary:
+        Image.fromarray(np.concatenate(panels[:-1], axis=1)).save(temporary, format="PNG")
     return path
 
 
