@@ -255,7 +255,7 @@ def control_residuals(
     controls: Sequence[PreparedControl],
     model_input: torch.Tensor,
     timestep: torch.Tensor,
-    text_embeds: torch.Tensor,
+    conditioning: Any,
     *,
     step: int,
     num_steps: int,
@@ -265,7 +265,8 @@ def control_residuals(
 
     Args:
         model_input: scaled latents (2B, 4, h, w) when `guided` ([unconditional; conditional]), else (B, 4, h, w).
-        text_embeds: prompt embeddings in the same batch layout.
+        conditioning: a `controlkit.conditioning.Conditioning`: prompt embeddings (and SDXL's pooled/size
+            embeddings) in the same batch layout.
         step, num_steps: position in the schedule, for the start/end windows.
         guided: classifier-free guidance is on (the batch holds both halves).
 
@@ -284,9 +285,9 @@ def control_residuals(
             continue
         half = guided and control.conditional_side_only
         sample = model_input.chunk(2)[1] if half else model_input
-        text = text_embeds.chunk(2)[1] if half else text_embeds
-        down, mid = controlnet_residuals(control.controlnet, sample, timestep, text, prepared.embedding,
-                                         prepared.scales)
+        side = conditioning.conditional_half() if half else conditioning
+        down, mid = controlnet_residuals(control.controlnet, sample, timestep, side.text, prepared.embedding,
+                                         prepared.scales, added_cond_kwargs=side.added)
         outputs = [*down, mid]
         if half:  # the unconditional half gets no control: zeros, as in diffusers' guess mode
             outputs = [torch.cat([torch.zeros_like(r), r]) for r in outputs]

@@ -1,9 +1,11 @@
-"""Generation: a frozen Stable Diffusion base plus any number of controls.
+"""Generation: a frozen Stable Diffusion base (SD1.x, SD2.x or SDXL) plus any number of controls.
 
-The base is a diffusers `StableDiffusionPipeline` (its U-Net, VAE, text encoder, tokenizer and scheduler
-config). `generate` uses diffusers' own pieces for everything around the denoising loop (prompt encoding,
-initial latents, img2img noising, timesteps, VAE decoding, post-processing) and runs the loop of
-`controlkit.sampling`, which adds what diffusers cannot express (see `controlkit.control`).
+The base is a diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (its U-Net, VAE, text
+encoder(s), tokenizer(s) and scheduler config; `controlkit.base_families` says which family has which).
+`generate` uses diffusers' own pieces for everything around the denoising loop (prompt encoding, initial
+latents, img2img noising, timesteps, VAE decoding, post-processing) and runs the loop of `controlkit.sampling`,
+which adds what diffusers cannot express (see `controlkit.control`). SDXL's extra inputs (the pooled prompt and
+the size/crop micro-conditioning) travel with the prompt embeddings (`controlkit.conditioning`).
 
 Example:
     >>> from controlkit.control import Control
@@ -16,16 +18,20 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlkit.base_families import BaseFamily, base_components, family_of, pipeline_settings
+from controlkit.conditioning import SizeConditioning, encode_conditioning
 from controlkit.control import (
     Control,
     PreparedControl,
@@ -48,7 +54,7 @@ from controlkit.generation_options import (
     size_note,
 )
 from controlkit.sampling import MAX_STEPS
-from controlkit.sd_pipelines import BASE_COMPONENTS, pipeline_from_components
+from controlkit.sd_pipelines import pipeline_from_components
 from controlkit.sd_pipelines import load_base, quiet_loading  # noqa: F401  public here too (controlkit.load_base)
 
 if TYPE_CHECKING:
@@ -60,6 +66,11 @@ if TYPE_CHECKING:
 #: keeps its padding and truncation settings on the shared object and diffusers' `encode_prompt` changes them
 #: between its calls (max_length, then longest), so two generations encoding at once could pad each other's prompt.
 _PROMPT_LOCK = threading.Lock()
+#: float32 copies of float16 VAEs that must not run in float16 (`BaseFamily.upcast_vae`), by VAE, with the
+#: versions of its parameters they were copied at (an in-place change of the VAE's weights makes a new copy).
+#: The caller's VAE is never converted in place: other threads may be using it.
+_FLOAT32_VAES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FLOAT32_VAES_LOCK = threading.Lock()
 
 
 @dataclass
@@ -96,12 +107,18 @@ def generate(
     strength: float = 0.75,
     eta: float = 0.0,
     output_type: str = "pil",
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    negative_original_size: tuple[int, int] | None = None,
+    negative_crops_coords_top_left: tuple[int, int] | None = None,
+    negative_target_size: tuple[int, int] | None = None,
 ) -> GenerationResult:
     """Generate images from a prompt with zero or more controls, on the base's device and dtype.
 
     Args:
         base: the frozen base (`load_base`, `controlkit.sd_pipelines.pipeline_from_components`, or any diffusers
-            SD pipeline).
+            SD or SDXL pipeline).
         prompt: the text prompt.
         controls: `Control`s; their residuals are summed. Each ControlNet must be on the base's device and dtype
             (`Control.from_pretrained(..., unet=base.unet)` loads it so); it is never moved or converted here.
@@ -123,6 +140,11 @@ def generate(
         strength: img2img noise strength in (0, 1]; 1 ignores the init image's content.
         eta: DDIM eta in [0, 1] (ignored by other schedulers).
         output_type: "pil", "np", "pt" or "latent".
+        original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning, as diffusers takes it:
+            (height, width) the image is said to have had and to be made at (default: the output size), and the
+            (top, left) of the crop it is said to be (default (0, 0)); integers, sizes 1..16384. SDXL only.
+        negative_original_size, negative_crops_coords_top_left, negative_target_size: the same for the
+            unconditional side of guidance (default: the positive side's values). SDXL only.
 
     Every option is checked (`check_generation_options`) before any model runs or any latent is allocated.
     Nothing passed in is modified (modules, their scheduler, images), and each call has its own scheduler and
@@ -139,7 +161,10 @@ def generate(
     check_generation_options(steps=steps, guidance_scale=guidance_scale, seed=seed, num_images=num_images,
                              width=width, height=height, strength=strength, eta=eta, output_type=output_type,
                              resize_mode=resize_mode)
-    parts = _components(base)
+    sizes = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                             negative_crops_coords_top_left, negative_target_size)
+    family = family_of(base)
+    parts = base_components(base, family)
     unet, device, dtype = parts["unet"], parts["unet"].device, parts["unet"].dtype
     train_steps = int(parts["scheduler"].config.get("num_train_timesteps", MAX_STEPS + 1))
     check_integer(steps, "`steps`", 1, min(MAX_STEPS, train_steps - 1), " (fewer than the base's training timesteps)")
@@ -161,21 +186,22 @@ def generate(
         warnings.warn(note, GenerationWarning, stacklevel=2)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    pipe = pipeline_from_components({**parts, "scheduler": scheduler_object},
-                                    img2img=init is not None)  # this call's own scheduler over the shared modules
+    # this call's own scheduler over the shared modules (and a float32 VAE where the family needs one)
+    pipe = pipeline_from_components({**parts, "scheduler": scheduler_object, "vae": _pixel_vae(parts["vae"], family)},
+                                    img2img=init is not None, settings=pipeline_settings(base, family))
     guided = guidance_scale > 1.0
     with torch.no_grad():
         with _PROMPT_LOCK:
-            positive, negative = pipe.encode_prompt(prompt, device, num_images, guided, negative_prompt)
-        text_embeds = torch.cat([negative, positive]) if guided else positive
-        timesteps, latents = _start(pipe, init, size, resize_mode, steps, strength, num_images, text_embeds, generator)
+            conditioning = encode_conditioning(pipe, family, prompt, negative_prompt, num_images, guided, size, sizes)
+        timesteps, latents = _start(pipe, init, size, resize_mode, steps, strength, num_images, conditioning.text,
+                                    generator)
         prepared = [
             _prepare(control, fit_image(image, size, resize_mode), unet, device, dtype, base.vae_scale_factor, index)
             for index, (control, image) in enumerate(zip(controls, maps))
         ]
         step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
         latents = denoise(
-            unet, pipe.scheduler, latents, timesteps, text_embeds, [p for p in prepared if p is not None],
+            unet, pipe.scheduler, latents, timesteps, conditioning, [p for p in prepared if p is not None],
             guidance_scale=guidance_scale, step_kwargs=step_kwargs,
         )
         images = _decode(pipe, latents, output_type, generator)
@@ -185,18 +211,25 @@ def generate(
         "strength": strength if init is not None else None, "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
     }
+    if family.pooled:
+        settings.update({key: list(value) if value is not None else None for key, value in vars(sizes).items()})
     return GenerationResult(images, seed, settings)
 
 
-def _components(base: Any) -> dict[str, Any]:
-    components = getattr(base, "components", None)
-    missing = [name for name in BASE_COMPONENTS if not components or components.get(name) is None]
-    if missing:
-        raise ConfigError(
-            f"`base` must be a diffusers Stable Diffusion pipeline with {', '.join(BASE_COMPONENTS)}; "
-            f"{type(base).__name__} lacks {', '.join(missing)}"
-        )
-    return {name: components[name] for name in BASE_COMPONENTS}
+def _pixel_vae(vae: Any, family: BaseFamily) -> Any:
+    """The VAE to encode and decode pixels with: `vae` itself, or a float32 copy of it when it is float16 and the
+    family and its config say it overflows there (made once per VAE and kept while the VAE lives)."""
+    import torch
+
+    if not (family.upcast_vae and vae.dtype == torch.float16 and vae.config.get("force_upcast", True)):
+        return vae
+    versions = tuple(parameter._version for parameter in vae.parameters())
+    with _FLOAT32_VAES_LOCK:
+        kept = _FLOAT32_VAES.get(vae)
+        if kept is None or kept[0] != versions:
+            kept = (versions, copy.deepcopy(vae).to(torch.float32))
+            _FLOAT32_VAES[vae] = kept
+    return kept[1]
 
 
 def _condition_map(control: Control, image: np.ndarray) -> np.ndarray:
@@ -225,7 +258,9 @@ def _start(
     pixels = condition_tensor(fit_image(init, size, resize_mode)) * 2.0 - 1.0  # the VAE takes [-1, 1]
     pixels = pixels.repeat(num_images, 1, 1, 1)
     start = timesteps[:1].repeat(num_images)
-    return timesteps, pipe.prepare_latents(pixels, start, num_images, 1, dtype, device, generator)
+    # in the VAE's dtype: SDXL's prepare_latents would otherwise convert a float32 VAE to `dtype` in place
+    latents = pipe.prepare_latents(pixels, start, num_images, 1, pipe.vae.dtype, device, generator)
+    return timesteps, latents.to(dtype)
 
 
 def _prepare(
@@ -258,7 +293,14 @@ def _decode(pipe: Any, latents: torch.Tensor, output_type: str, generator: torch
     if output_type == "latent":
         return latents
     vae = pipe.vae
-    decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+    latents = latents.to(vae.dtype)
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is not None and std is not None:  # VAEs with per-channel latent statistics, as diffusers' SDXL decode
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    decoded = vae.decode(latents, return_dict=False, generator=generator)[0]
     if not torch.isfinite(decoded).all():
         raise ControlkitError(
             f"the VAE produced NaN/inf pixels in {decoded.dtype}; decode in float32 (an fp16 VAE overflows)"

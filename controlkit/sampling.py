@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from controlkit.conditioning import Conditioning
+
 #: Scheduler names -> (diffusers class, config overrides). Each is built with `from_config` from the base's
 #: scheduler config, so the base's noise schedule (betas, prediction type) is kept.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -59,7 +61,7 @@ def denoise(
     scheduler: Any,
     latents: torch.Tensor,
     timesteps: Sequence[Any],
-    text_embeds: torch.Tensor,
+    conditioning: Conditioning,
     controls: Sequence[PreparedControl],
     *,
     guidance_scale: float,
@@ -70,7 +72,8 @@ def denoise(
     Args:
         latents: (B, 4, h, w) starting latents (already scaled by the scheduler's initial sigma).
         timesteps: the scheduler's timesteps to run (all of them, or the tail for img2img).
-        text_embeds: (2B, 77, D) [negative; positive] when guidance_scale > 1, else (B, 77, D).
+        conditioning: the prompt embeddings (2B, 77, D) [negative; positive] when guidance_scale > 1, else
+            (B, 77, D), and SDXL's pooled/size embeddings in the same layout (`controlkit.conditioning`).
         controls: prepared controls (their residuals are summed into the U-Net's skips).
         step_kwargs: extra `scheduler.step` arguments (eta, generator) from diffusers' `prepare_extra_step_kwargs`.
     """
@@ -83,11 +86,11 @@ def denoise(
         model_input = scheduler.scale_model_input(model_input, timestep)
         # 2. the controls' residuals (None when no control acts at this step: then the U-Net runs plain)
         down, mid = control_residuals(
-            controls, model_input, timestep, text_embeds, step=step, num_steps=len(timesteps), guided=guided
+            controls, model_input, timestep, conditioning, step=step, num_steps=len(timesteps), guided=guided
         )
         # 3. the frozen U-Net with the residuals added to its skip connections and middle block
         noise = unet(
-            model_input, timestep, encoder_hidden_states=text_embeds,
+            model_input, timestep, encoder_hidden_states=conditioning.text, added_cond_kwargs=conditioning.added,
             down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
         )[0]
         # 4. classifier-free guidance

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlkit.base_families import SD, BaseFamily, family_of, family_of_class
 from controlkit.control import check_integer, check_number
 from controlkit.errors import CheckpointError, ConfigError, ControlkitError, WeightsNotFoundError, first_line
 from controlkit.sampling import MAX_STEPS
@@ -23,11 +24,10 @@ if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
 
-#: The options of every Stable Diffusion pipeline controlkit builds.
-PIPELINE_OPTIONS: Mapping[str, Any] = {"safety_checker": None, "feature_extractor": None,
-                                       "requires_safety_checker": False}
-#: The components of a Stable Diffusion base.
-BASE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: The options of every SD1.x/SD2.x pipeline controlkit builds (`controlkit.base_families` has each family's).
+PIPELINE_OPTIONS: Mapping[str, Any] = SD.options
+#: The components of an SD1.x/SD2.x base (an SDXL base adds text_encoder_2 and tokenizer_2: `SDXL.components`).
+BASE_COMPONENTS = SD.components
 #: The file beside a base's model_index.json that records the settings it was made for:
 #: {"generation": {"steps": 20, "guidance_scale": 2.0}}; `load_base` keeps them on the pipeline it returns (in
 #: `SETTINGS_ATTRIBUTE`) and `controlkit.pipeline.generate` takes its defaults from them.
@@ -36,26 +36,44 @@ SETTINGS_ATTRIBUTE = "controlkit_settings"
 SETTINGS_KEYS = ("steps", "guidance_scale")
 
 
-def pipeline_from_components(components: Mapping[str, Any], *, img2img: bool = False) -> Any:
-    """A text-to-image (or img2img) pipeline over ready modules (`BASE_COMPONENTS`; other keys are ignored).
-    Cheap: the modules are shared, not copied."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+def pipeline_from_components(
+    components: Mapping[str, Any], *, img2img: bool = False, settings: Mapping[str, Any] | None = None
+) -> Any:
+    """A text-to-image (or img2img) pipeline of the components' family (`controlkit.base_families.family_of`)
+    over ready modules (the family's `components`; other keys are ignored). Cheap: the modules are shared, not
+    copied. `settings`: the family's pipeline config values (`BaseFamily.config_keys`) to keep from a base."""
+    import diffusers
 
-    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    return cls(**{name: components[name] for name in BASE_COMPONENTS}, **PIPELINE_OPTIONS)
+    family = family_of(components)
+    cls = getattr(diffusers, family.img2img if img2img else family.text2img)
+    return cls(**{name: components[name] for name in family.components}, **family.options, **(settings or {}))
 
 
-def load_pipeline_folder(folder: str | os.PathLike, **options: Any) -> "StableDiffusionPipeline":
-    """A diffusers Stable Diffusion folder read offline (safetensors only), every component it reads in one dtype
-    (float32 unless `options` give `dtype`); `options` go to `from_pretrained` (components to use instead of the
-    folder's, which are taken as they are)."""
+def load_pipeline_folder(folder: str | os.PathLike, **options: Any) -> Any:
+    """A diffusers Stable Diffusion (XL) folder read offline (safetensors only), every component it reads in one
+    dtype (float32 unless `options` give `dtype`); `options` go to `from_pretrained` (components to use instead
+    of the folder's, which are taken as they are). The family comes from its model_index.json."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     if "dtype" not in options and "torch_dtype" not in options:
         options.update(_dtype_option(torch.float32))
-    return StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True,
-                                                   **PIPELINE_OPTIONS, **options)
+    family = folder_family(folder)
+    return _pipeline_class(family).from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                                   **family.options, **options)
+
+
+def folder_family(folder: str | os.PathLike) -> BaseFamily:
+    """The family a diffusers folder's model_index.json names (SD when it names another pipeline)."""
+    from controlkit.json_files import read_json_file
+
+    index = read_json_file(Path(folder) / "model_index.json")
+    return family_of_class(index.get("_class_name"))
+
+
+def _pipeline_class(family: BaseFamily) -> Any:
+    import diffusers
+
+    return getattr(diffusers, family.text2img)
 
 
 def recorded_settings(folder: str | os.PathLike) -> dict[str, Any]:
@@ -126,7 +144,6 @@ def load_base(
         ConfigError: `device` does not exist here, or the folder's settings file is out of range.
     """
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from controlkit.devices import usable_device
     from controlkit.weights import looks_like_hub_id, resolve_model_name
@@ -148,9 +165,12 @@ def load_base(
             settings = recorded_settings(path)
             base = load_pipeline_folder(path, **dtype_option)
         elif path.is_file():
-            base = _load_single_file(path, config, {**PIPELINE_OPTIONS, **dtype_option})
+            base = _load_single_file(path, config, dtype_option)
         elif looks_like_hub_id(str(source)):
-            base = StableDiffusionPipeline.from_pretrained(str(source), use_safetensors=True, **PIPELINE_OPTIONS,
+            from diffusers import DiffusionPipeline
+
+            family = family_of_class(DiffusionPipeline.load_config(str(source)).get("_class_name"))
+            base = _pipeline_class(family).from_pretrained(str(source), use_safetensors=True, **family.options,
                                                            **dtype_option)
         else:
             raise WeightsNotFoundError(
@@ -179,8 +199,6 @@ def _dtype_option(dtype: torch.dtype | None) -> dict[str, Any]:
 
 
 def _load_single_file(path: Path, config: str | os.PathLike | None, options: dict[str, Any]) -> Any:
-    from diffusers import StableDiffusionPipeline
-
     from controlkit.safe_load import SAFETENSORS, sniff_format
 
     kind = sniff_format(path)  # refuses LFS pointers, HTML pages, empty files by content
@@ -190,16 +208,36 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, options: dic
         raise WeightsNotFoundError(f"`config` {config}: not a diffusers folder (no model_index.json)")
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+    family = folder_family(config) if config is not None else _single_file_family(path, kind)
     try:
-        return StableDiffusionPipeline.from_single_file(
-            str(path), config=None if config is None else str(config), local_files_only=True, **options
+        return _pipeline_class(family).from_single_file(
+            str(path), config=None if config is None else str(config), local_files_only=True, **family.options,
+            **options,
         )
     except OSError as error:
         if config is None:
             raise WeightsNotFoundError(
                 f"base model {path}: diffusers needs this model's config files to read a single file offline; "
-                "pass a local diffusers folder of the same architecture as `config` (--base-config)"
+                f"pass a local diffusers folder of the same architecture ({family.name}) as `config` (--base-config)"
             ) from None
         raise error
     except SingleFileComponentError as error:  # a checkpoint without the text encoder, VAE or U-Net
         raise CheckpointError(f"base model {path}: {first_line(error)}") from None
+
+
+def _single_file_family(path: Path, kind: str) -> BaseFamily:
+    """The family of an original single-file checkpoint by its key names (safetensors: the header only); a
+    pickle is taken as SD1.x/SD2.x (pass `config` for an SDXL one)."""
+    from controlkit.base_families import BASE_FAMILIES
+    from controlkit.safe_load import SAFETENSORS
+
+    if kind != SAFETENSORS:
+        return SD
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    for family in BASE_FAMILIES:
+        if family.single_file_marker and any(key.startswith(family.single_file_marker) for key in keys):
+            return family
+    return SD

@@ -2,7 +2,9 @@
 
 Two uses: the test suite (tiny U-Net, VAE, CLIP text encoder and a word-level CLIP tokenizer whose vocabulary is
 written here), and the embedded demo's base model, which is the same architecture family at a larger size.
-Every component is the real diffusers/transformers class, so everything that works on them works on SD1.5.
+Every component is the real diffusers/transformers class, so everything that works on them works on SD1.5, and
+with `TinyConfig(sdxl=True)` on SDXL: a U-Net with SDXL's added text/size embedding, and two CLIP text encoders
+(the second with a projection, whose pooled output SDXL takes) with their tokenizers.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class TinyConfig:
         norm_num_groups, vae_norm_num_groups: GroupNorm groups of the U-Net and of the VAE; None: as many as
             the first level has channels, up to 32 (a group per channel normalises every channel on its own, which
             costs a small VAE its colours: the demo uses 4 channels per group or more).
+        sdxl: build SDXL's layout: two text encoders of half `cross_attention_dim` each (the U-Net attends to
+            their concatenated hidden states, as SDXL's 768 + 1280 = 2048), the second one with a projection of
+            `projection_dim` (the pooled prompt), and a U-Net whose added embedding takes that pooled vector and
+            the six size/crop numbers (`addition_time_embed_dim` each), as SDXL's `addition_embed_type` "text_time".
     """
 
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -52,6 +58,14 @@ class TinyConfig:
     words: tuple[str, ...] = DEFAULT_WORDS
     norm_num_groups: int | None = None
     vae_norm_num_groups: int | None = None
+    sdxl: bool = False
+    projection_dim: int = 32
+    addition_time_embed_dim: int = 8
+
+
+#: The SDXL test size: SDXL's layout (two text encoders, pooled and size/crop embedding, linear attention
+#: projections, two transformer layers at the lower level) at the size of diffusers' own SDXL ControlNet tests.
+TINY_SDXL_CONFIG = TinyConfig(cross_attention_dim=64, layers_per_block=2, sdxl=True)
 
 
 #: The embedded demo's base model: 64 x 64 images, a x4 VAE (16 x 16 x 4 latents), a three-level U-Net
@@ -126,17 +140,25 @@ def build_components(config: TinyConfig = TinyConfig(), *, seed: int = 0) -> dic
     """Randomly initialised (seeded) SD components of the given size.
 
     Returns:
-        dict with keys unet, vae, text_encoder, tokenizer, scheduler: the arguments of diffusers'
-        Stable Diffusion pipelines (besides the ControlNet). Latents have 4 channels; the VAE downsamples by
-        2 ** (len(vae_channels) - 1).
+        dict with keys unet, vae, text_encoder, tokenizer, scheduler (and text_encoder_2, tokenizer_2 for SDXL):
+        the arguments of diffusers' Stable Diffusion (XL) pipelines besides the ControlNet. Latents have 4
+        channels; the VAE downsamples by 2 ** (len(vae_channels) - 1).
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     levels = len(config.block_out_channels)
     tokenizer = build_tokenizer(config.words)
     torch.manual_seed(seed)
+    sdxl_options: dict[str, Any] = {}
+    if config.sdxl:  # SDXL's U-Net: linear projections, deeper lower levels, the added text/size embedding
+        sdxl_options = {
+            "use_linear_projection": True, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": config.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": 6 * config.addition_time_embed_dim + config.projection_dim,
+            "transformer_layers_per_block": tuple(range(1, levels + 1)),
+        }
     unet = UNet2DConditionModel(
         sample_size=config.sample_size,
         in_channels=4,
@@ -148,6 +170,7 @@ def build_components(config: TinyConfig = TinyConfig(), *, seed: int = 0) -> dic
         cross_attention_dim=config.cross_attention_dim,
         attention_head_dim=config.attention_head_dim,
         norm_num_groups=config.norm_num_groups or min(32, config.block_out_channels[0]),
+        **sdxl_options,
     )
     torch.manual_seed(seed + 1)
     vae_levels = len(config.vae_channels)
@@ -162,21 +185,29 @@ def build_components(config: TinyConfig = TinyConfig(), *, seed: int = 0) -> dic
         sample_size=config.sample_size * 2 ** (vae_levels - 1),
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.cross_attention_dim,
-            intermediate_size=config.cross_attention_dim * 4,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=max(1, config.cross_attention_dim // 16),
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    if not config.sdxl:
+        text_encoder = CLIPTextModel(_text_config(config, tokenizer, config.cross_attention_dim))
+        return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                "scheduler": _sd_scheduler()}
+    half = config.cross_attention_dim // 2
+    text_encoder = CLIPTextModel(_text_config(config, tokenizer, half))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(config, tokenizer, config.cross_attention_dim - half, projection_dim=config.projection_dim)
     )
-    scheduler = _sd_scheduler()
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+            "tokenizer": tokenizer, "tokenizer_2": build_tokenizer(config.words), "scheduler": _sd_scheduler()}
+
+
+def _text_config(config: TinyConfig, tokenizer: Any, width: int, **extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 4,
+        num_hidden_layers=config.text_layers, num_attention_heads=max(1, width // 16), max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
 
 
 def _sd_scheduler() -> Any:
@@ -191,7 +222,8 @@ def _sd_scheduler() -> Any:
 
 def save_components(components: dict[str, Any], directory: str | Path) -> Path:
     """Write components as a diffusers folder (model_index.json + one sub-folder each) loadable by diffusers'
-    `StableDiffusionPipeline.from_pretrained` and by `controlkit generate --base`."""
+    `StableDiffusionPipeline.from_pretrained` (`StableDiffusionXLPipeline` for SDXL components) and by
+    `controlkit generate --base`."""
     from controlkit.sd_pipelines import pipeline_from_components
 
     pipeline = pipeline_from_components(components)
