@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import secrets
@@ -227,9 +226,17 @@ def _pixel_vae(vae: Any, family: BaseFamily) -> Any:
     with _FLOAT32_VAES_LOCK:
         kept = _FLOAT32_VAES.get(vae)
         if kept is None or kept[0] != versions:
-            kept = (versions, copy.deepcopy(vae).to(torch.float32))
+            kept = (versions, _float32_copy(vae))
             _FLOAT32_VAES[vae] = kept
     return kept[1]
+
+
+def _float32_copy(vae: Any) -> Any:
+    """A float32 copy of a VAE (built from its config and given its weights: `.to(dtype)` on a diffusers model
+    with float32-only modules warns)."""
+    duplicate = type(vae).from_config(vae.config)
+    duplicate.load_state_dict({key: value.float() for key, value in vae.state_dict().items()})
+    return duplicate.to(vae.device).eval().requires_grad_(False)
 
 
 def _condition_map(control: Control, image: np.ndarray) -> np.ndarray:
