@@ -29,6 +29,8 @@ class BaseFamily:
         upcast_vae: a float16 VAE whose config says `force_upcast` encodes and decodes in float32 (SDXL's VAE
             overflows in float16: NaN latents and black images, diffusers#6666).
         single_file_marker: a key prefix present only in this family's original single-file checkpoints.
+        default_guidance: classifier-free guidance when neither the caller nor the base says (diffusers' pipeline
+            defaults: 7.5 for SD1.x/SD2.x, 5.0 for SDXL).
     """
 
     name: str
@@ -40,6 +42,7 @@ class BaseFamily:
     pooled: bool = False
     upcast_vae: bool = False
     single_file_marker: str | None = None
+    default_guidance: float = 7.5
 
 
 SD = BaseFamily(
@@ -59,6 +62,7 @@ SDXL = BaseFamily(
     pooled=True,
     upcast_vae=True,
     single_file_marker="conditioner.embedders.1.",
+    default_guidance=5.0,
 )
 #: Every family, the most specific first (`family_of` takes the first that matches).
 BASE_FAMILIES = (SDXL, SD)

@@ -4,8 +4,9 @@ embeddings and, for SDXL, the pooled prompt and the size/crop micro-conditioning
 Prompt encoding is diffusers' own (`encode_prompt` of the family's pipeline: both text encoders for SDXL, and
 `force_zeros_for_empty_prompt`, which makes the unconditional side zeros when no negative prompt is given).
 SDXL's size/crop numbers (Podell et al. 2307.01952, section 2.2) are built here, with diffusers' defaults:
-original and target size the output's (height, width), crop (0, 0), and the negative side the positive one's
-unless given. The batch is laid out [negative x B; positive x B] for every tensor, the prompts' layout.
+original and target size the output's (height, width), crop (0, 0); the negative side is the positive one's
+unless a negative option is given, and then, as in diffusers, its sizes default to the positive ones and its
+crop to (0, 0). The batch is laid out [negative x B; positive x B] for every tensor, the prompts' layout.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class SizeConditioning:
         original_size: the size the model is told the image had before it was resized (default: the output's).
         crops_coords_top_left: (top, left) of the crop the model is told was taken; (0, 0) is a well-framed image.
         target_size: the size it is told to produce (default: the output's).
-        negative_*: the same for the unconditional side (default: the positive side's values).
+        negative_*: the same for the unconditional side (none given: the positive side; any given: the others
+            default to the positive sizes and a (0, 0) crop, diffusers' rule).
     """
 
     original_size: tuple[int, int] | None = None
@@ -84,8 +86,10 @@ class SizeConditioning:
         original = self.original_size or (height, width)
         target = self.target_size or (height, width)
         positive = [*original, *self.crops_coords_top_left, *target]
-        negative = [*(self.negative_original_size or original),
-                    *(self.negative_crops_coords_top_left or self.crops_coords_top_left),
+        negatives = (self.negative_original_size, self.negative_crops_coords_top_left, self.negative_target_size)
+        if all(value is None for value in negatives):
+            return list(positive), positive
+        negative = [*(self.negative_original_size or original), *(self.negative_crops_coords_top_left or (0, 0)),
                     *(self.negative_target_size or target)]
         return negative, positive
 

@@ -72,6 +72,9 @@ class Control:
         conditional_only: apply this control on the conditional side of guidance only (implied by
             mode "control" and by ControlNets with global pooling).
         metadata: the condition metadata read with the checkpoint (informational; set by `from_pretrained`).
+        control_type: for a ControlNet-Union model, which of its types the image is (a name in
+            `controlkit.union.UNION_TYPES`: openpose, depth, softedge, canny, lineart, normal, segment, tile, ...);
+            None for every other ControlNet.
     """
 
     image: Any
@@ -84,8 +87,16 @@ class Control:
     preprocessor: Callable[[Any], Any] | None = None
     conditional_only: bool = False
     metadata: ConditionMetadata | None = field(default=None, repr=False)
+    control_type: str | None = None
 
     def __post_init__(self) -> None:
+        from controlkit.union import is_union, union_type_index
+
+        if is_union(self.controlnet):
+            union_type_index(self.control_type, self.controlnet)
+        elif self.control_type is not None:
+            raise ConfigError(f"control `control_type` {self.control_type!r} is for ControlNet-Union models; this "
+                              "ControlNet takes one kind of map: leave it out")
         if self.layer_weights is not None and isinstance(self.layer_weights, Iterable):
             self.layer_weights = list(self.layer_weights)  # once: an iterator would be used up by the checks
         check_control_options(self.scale, self.start, self.end, self.mode, self.layer_weights)
@@ -139,16 +150,19 @@ class Control:
         """True when the control acts on the conditional half of classifier-free guidance only."""
         return self.mode == "control" or self.conditional_only or self.global_pooling
 
-    def layer_scales(self) -> list[float]:
-        """The multiplier of each ControlNet output (skip outputs high to low resolution, then the middle)."""
+    def layer_profile(self) -> list[float]:
+        """The per-output weights before `scale` (skip outputs high to low resolution, then the middle): the
+        `layer_weights`, else the mode's profile."""
         count = num_control_layers(self.controlnet)
         if self.layer_weights is not None:
-            weights = list(self.layer_weights)
-        elif self.mode != "balanced" and not self.global_pooling:
-            weights = [SOFT_DECAY ** (count - 1 - i) for i in range(count)]
-        else:
-            weights = [1.0] * count
-        return [float(w) * float(self.scale) for w in weights]
+            return [float(w) for w in self.layer_weights]
+        if self.mode != "balanced" and not self.global_pooling:
+            return [SOFT_DECAY ** (count - 1 - i) for i in range(count)]
+        return [1.0] * count
+
+    def layer_scales(self) -> list[float]:
+        """The multiplier of each ControlNet output (skip outputs high to low resolution, then the middle)."""
+        return [w * float(self.scale) for w in self.layer_profile()]
 
     def active_at(self, step: int, num_steps: int) -> bool:
         """Whether step `step` (0-based) of `num_steps` lies in the start/end window (diffusers' rule)."""
@@ -221,8 +235,9 @@ class PreparedControl:
 
     Attributes:
         control: the user's spec.
-        embedding: output of the ControlNet's conditioning encoder, (1, C, h, w) at latent size; broadcast over
-            the batch inside the ControlNet.
+        embedding: output of the ControlNet's conditioning encoder, (N, C, h, w) at latent size, N the batch
+            the ControlNet runs on (or 1, broadcast over it). For a Union model, the condition pixels (1, 3, H, W) in [0, 1]: its
+            encoder runs inside its forward (`controlkit.union`).
         scales: one multiplier per ControlNet output.
     """
 
@@ -231,14 +246,21 @@ class PreparedControl:
     scales: list[float]
 
 
-def prepare_control(control: Control, condition: np.ndarray, device: Any, dtype: torch.dtype) -> PreparedControl:
+def prepare_control(
+    control: Control, condition: np.ndarray, device: Any, dtype: torch.dtype, batch: int = 1
+) -> PreparedControl:
     """Run the conditioning encoder once on the condition map (RGB uint8 at output size).
 
     The encoder (Zhang et al. 2302.05543: "a tiny network ... to encode an image-space condition to a
     feature space conditioning vector") does not depend on the step, so computing it per step repeats work.
-    The ControlNet's weights must already be on `device` in `dtype`; the model is only read.
+    The ControlNet's weights must already be on `device` in `dtype`; the model is only read. `batch`: the batch
+    the ControlNet runs on (2B with guidance on both sides, else B): the map is encoded repeated to it, as
+    diffusers encodes it, because a convolution's rounding can depend on the batch size (oneDNN picks its
+    kernels by shape), and the result then equals diffusers' bit for bit.
     """
     import torch
+
+    from controlkit.union import is_union
 
     controlnet = control.controlnet
     order = controlnet.config.controlnet_conditioning_channel_order
@@ -247,7 +269,9 @@ def prepare_control(control: Control, condition: np.ndarray, device: Any, dtype:
     pixels = condition_tensor(condition).to(device=device, dtype=dtype)
     if order == "bgr":  # as diffusers' forward does to `controlnet_cond`, before the encoder
         pixels = torch.flip(pixels, dims=[1])
-    embedding = controlnet.controlnet_cond_embedding(pixels)
+    if is_union(controlnet):
+        return PreparedControl(control, pixels, control.layer_scales())
+    embedding = controlnet.controlnet_cond_embedding(pixels.repeat(batch, 1, 1, 1))
     return PreparedControl(control, embedding, control.layer_scales())
 
 
@@ -276,18 +300,13 @@ def control_residuals(
     """
     import torch
 
-    from controlkit.controlnet_forward import controlnet_residuals
-
     total: list[torch.Tensor] | None = None
-    for prepared in controls:
-        control = prepared.control
-        if not control.active_at(step, num_steps) or not any(prepared.scales):
-            continue
-        half = guided and control.conditional_side_only
+    active = [p for p in controls if p.control.active_at(step, num_steps) and any(p.scales)]
+    for group in _forward_groups(active, guided):
+        half = guided and group[0].control.conditional_side_only
         sample = model_input.chunk(2)[1] if half else model_input
         side = conditioning.conditional_half() if half else conditioning
-        down, mid = controlnet_residuals(control.controlnet, sample, timestep, side.text, prepared.embedding,
-                                         prepared.scales, added_cond_kwargs=side.added)
+        down, mid = _group_residuals(group, sample, timestep, side)
         outputs = [*down, mid]
         if half:  # the unconditional half gets no control: zeros, as in diffusers' guess mode
             outputs = [torch.cat([torch.zeros_like(r), r]) for r in outputs]
@@ -295,6 +314,38 @@ def control_residuals(
     if total is None:
         return None, None
     return total[:-1], total[-1]
+
+
+def _forward_groups(active: Sequence[PreparedControl], guided: bool) -> list[list[PreparedControl]]:
+    """The ControlNet forwards of a step, in the controls' order: one per control, except that controls on the
+    same Union model with the same guidance side and per-layer profile share one (`controlkit.union`)."""
+    from controlkit.union import is_union
+
+    groups: dict[Any, list[PreparedControl]] = {}
+    for index, prepared in enumerate(active):
+        control = prepared.control
+        key: Any = index
+        if is_union(control.controlnet):
+            key = (id(control.controlnet), guided and control.conditional_side_only, tuple(control.layer_profile()))
+        groups.setdefault(key, []).append(prepared)
+    return list(groups.values())
+
+
+def _group_residuals(
+    group: Sequence[PreparedControl], sample: torch.Tensor, timestep: Any, side: Any
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    from controlkit.controlnet_forward import controlnet_residuals
+    from controlkit.union import is_union, union_residuals, union_type_index
+
+    first = group[0]
+    controlnet = first.control.controlnet
+    if not is_union(controlnet):
+        return controlnet_residuals(controlnet, sample, timestep, side.text, first.embedding, first.scales,
+                                    added_cond_kwargs=side.added)
+    conditions = [(p.embedding, union_type_index(p.control.control_type, controlnet), p.control.scale)
+                  for p in group]
+    return union_residuals(controlnet, sample, timestep, side.text, side.added, conditions,
+                           first.control.layer_profile())
 
 
 def check_control_options(

@@ -12,7 +12,8 @@ from typing import Any
 
 from controlkit.control import RESIZE_MODES, Control, check_integer, check_number
 from controlkit.errors import ConfigError
-from controlkit.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, MAX_STEPS
+from controlkit.base_families import family_of
+from controlkit.sampling import DEFAULT_STEPS, MAX_SEED, MAX_STEPS
 from controlkit.sd_pipelines import SETTINGS_ATTRIBUTE
 
 #: Output sides must be multiples of this (SD's VAE downsamples by 8).
@@ -36,9 +37,9 @@ class GenerationWarning(UserWarning):
 
 def generation_defaults(base: Any) -> dict[str, Any]:
     """{"steps": ..., "guidance_scale": ...}: what the base records (`load_base` reads its `SETTINGS_FILE`), else
-    `DEFAULT_STEPS` and `DEFAULT_GUIDANCE`."""
+    `DEFAULT_STEPS` and the family's `default_guidance` (7.5 for SD1.x/SD2.x, 5.0 for SDXL)."""
     recorded = getattr(base, SETTINGS_ATTRIBUTE, None) or {}
-    return {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE, **recorded}
+    return {"steps": DEFAULT_STEPS, "guidance_scale": family_of(base).default_guidance, **recorded}
 
 
 def check_generation_options(

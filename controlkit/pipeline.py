@@ -195,7 +195,8 @@ def generate(
         timesteps, latents = _start(pipe, init, size, resize_mode, steps, strength, num_images, conditioning.text,
                                     generator)
         prepared = [
-            _prepare(control, fit_image(image, size, resize_mode), unet, device, dtype, base.vae_scale_factor, index)
+            _prepare(control, fit_image(image, size, resize_mode), unet, device, dtype, base.vae_scale_factor, index,
+                     num_images * (2 if guided and not control.conditional_side_only else 1))
             for index, (control, image) in enumerate(zip(controls, maps))
         ]
         step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
@@ -271,7 +272,8 @@ def _start(
 
 
 def _prepare(
-    control: Control, condition: np.ndarray, unet: Any, device: Any, dtype: Any, vae_factor: int, index: int
+    control: Control, condition: np.ndarray, unet: Any, device: Any, dtype: Any, vae_factor: int, index: int,
+    batch: int,
 ) -> PreparedControl | None:
     """Check the control's ControlNet, then compute its condition embedding (None if scale is 0)."""
     if not any(control.layer_scales()):
@@ -279,15 +281,13 @@ def _prepare(
     controlnet = control.controlnet
     check_fits(controlnet.state_dict(), controlnet.config, unet, name=f"the ControlNet of control {index + 1}")
     check_placement(controlnet, device, dtype, name=f"the ControlNet of control {index + 1}")
-    prepared = prepare_control(control, condition, device, dtype)
-    latent_size = (condition.shape[0] // vae_factor, condition.shape[1] // vae_factor)
-    if tuple(prepared.embedding.shape[-2:]) != latent_size:
-        factor = condition.shape[0] // prepared.embedding.shape[-2]
+    factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)  # one stride-2 conv a stage
+    if factor != vae_factor:
         raise CheckpointError(
             f"the ControlNet of control {index + 1} downsamples its condition by {factor} but the base's VAE by "
             f"{vae_factor}; use a ControlNet made for this base"
         )
-    return prepared
+    return prepare_control(control, condition, device, dtype, batch)
 
 
 def _decode(pipe: Any, latents: torch.Tensor, output_type: str, generator: torch.Generator) -> Any:

@@ -39,7 +39,7 @@ MAX_STEPS = 999
 MAX_SEED = 2**64 - 1
 #: What generation uses when neither the caller nor the base (the settings its folder records) says otherwise.
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 7.5
+DEFAULT_GUIDANCE = 7.5  # SD1.x/SD2.x; each base family has its own (`controlkit.base_families`)
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:

@@ -60,3 +60,24 @@ def trained_like_controlnet(unet, seed: int):
     for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out):
         torch.nn.init.normal_(conv.weight, std=0.3)
     return model.eval()
+
+
+def trained_like_union(unet, seed: int):
+    """A tiny ControlNet-Union for an SDXL-layout `unet`, trained-like (random zero convolutions). diffusers'
+    `ControlNetUnionModel.from_unet` keeps the 320-wide fusion transformer of the released models, which needs
+    320 encoder channels: the tiny one takes the U-Net's first width, with its encoder weights copied."""
+    import torch
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed)
+    template = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32),
+                                              load_weights_from_unet=False)
+    width = unet.config.block_out_channels[0]
+    config = {key: value for key, value in template.config.items() if key != "_use_default_values"}  # else reset
+    config.update(num_trans_channel=width, num_proj_channel=width, num_trans_head=2)
+    model = ControlNetUnionModel.from_config(config)
+    copied = {key: value for key, value in unet.state_dict().items() if key in model.state_dict()}
+    model.load_state_dict(copied, strict=False)
+    for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out):
+        torch.nn.init.normal_(conv.weight, std=0.3)
+    return model.eval()

@@ -186,7 +186,7 @@ def test_window_equals_diffusers_and_runs_only_inside_it(components, base, contr
 def test_condition_embedding_runs_once_per_generation(base, controlnet):
     with CallCounter(controlnet.controlnet_cond_embedding) as encoder, controlnet_runs(controlnet) as net:
         ours(base, [Control(shapes_map(0), controlnet)])
-    assert encoder.batches == [1]
+    assert encoder.batches == [2]  # once, on the batch the ControlNet sees (both guidance halves)
     assert net.batches == [2] * STEPS
 
 

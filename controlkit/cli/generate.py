@@ -18,6 +18,10 @@ EPILOG = """examples:
       --control pose=photo.jpg --preprocess --mode pose=control --steps 30 --seed 1 -o dancer.png
   controlkit generate "a room" --base models/sd15 --controlnet depth=cn-depth --control depth=depth.png \\
       --controlnet edges=cn-canny --control edges=edges.png --scale edges=0.6 --end edges=0.5 --num-images 4
+  controlkit generate "a loft" --base models/sdxl --controlnet canny=models/cn-canny-sdxl --control canny=edges.png
+  controlkit generate "a loft" --base models/sdxl --controlnet depth=models/union-promax --control depth=depth.png \\
+      --controlnet edges=models/union-promax --control edges=edges.png --control-type depth=depth \\
+      --control-type edges=canny                               # one ControlNet-Union model, two control types
 """
 
 DTYPES = (AUTO, *DTYPE_NAMES)
@@ -51,14 +55,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--start", action="append", metavar="NAME=F", help="fraction of the steps where it starts (0)")
     parser.add_argument("--end", action="append", metavar="NAME=F", help="fraction of the steps where it ends (1)")
     parser.add_argument(
-        "--layer-weights", action="append", metavar="NAME=W1,W2,...", help="one weight per ControlNet output (13)"
+        "--layer-weights", action="append", metavar="NAME=W1,W2,...",
+        help="one weight per ControlNet output (13 for SD1.x/SD2.x, 10 for SDXL)"
     )
+    parser.add_argument("--control-type", action="append", metavar="NAME=TYPE",
+                        help="for a ControlNet-Union: the control's type (openpose, depth, softedge, canny, lineart, "
+                        "normal, segment, tile, ...)")
     parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"denoising steps, 1..{MAX_STEPS}; default: what the base records (demo: 20), else 20")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale, >= 0 (1 or less: off); default: what the base "
-                        f"records (demo: 2), else {DEFAULT_GUIDANCE}")
+                        f"records (demo: 2), else {DEFAULT_GUIDANCE} (SDXL: 5)")
     parser.add_argument("--seed", type=int, default=None, help="seed (CPU generator), 0..2**64-1; random if not given")
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=sorted(SCHEDULERS), help="sampler")
     parser.add_argument("--width", type=int, help="output width, a multiple of 8; default: the control image's")
@@ -72,8 +80,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:N, mps); cuda if available, "
                         "else cpu")
     parser.add_argument("--dtype", default=AUTO, choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
+    sdxl = parser.add_argument_group("SDXL micro-conditioning (diffusers' (height, width) and (top, left) order)")
+    for flag, what in MICRO_FLAGS.items():
+        sdxl.add_argument(flag, type=int, nargs=2, metavar=("TOP", "LEFT") if "crop" in flag else ("H", "W"),
+                          help=what)
     parser.add_argument("-o", "--output", default="generated.png", help="output PNG")
     parser.set_defaults(run=run)
+
+
+#: The SDXL micro-conditioning flags -> their help (the option of `generate` is the flag's name, as in diffusers).
+MICRO_FLAGS = {
+    "--original-size": "the size the image is said to have had (default: the output size)",
+    "--crops-coords-top-left": "the crop it is said to be (default: 0 0)",
+    "--target-size": "the size it is said to be made at (default: the output size)",
+    "--negative-original-size": "the same for the unconditional side (default: the positive value)",
+    "--negative-crops-coords-top-left": "the same for the unconditional side (default: the positive value)",
+    "--negative-target-size": "the same for the unconditional side (default: the positive value)",
+}
 
 
 #: How generate's options are called in messages: by their flags.
@@ -90,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     check_generation_options(steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                              num_images=args.num_images, width=args.width, height=args.height,
                              strength=args.strength, resize_mode=args.resize_mode, names=FLAGS)
+    sizes = _size_conditioning(args)
     images, controlnets, options = _named_options(args)
     if args.device is not None:
         usable_device(args.device, "--device")
@@ -100,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
     quiet_loading()
     started = time.perf_counter()
     base = load_base(args.base, torch_dtype=dtype, device=device, config=args.base_config)
+    loaded_models: dict[str, Any] = {}  # one model per path: controls on one Union model then share a forward
     controls = [
-        _load_control(name, controlnets[name], photos[name], options.get(name, {}), base.unet, args.preprocess)
+        _load_control(name, controlnets[name], photos[name], options.get(name, {}), base.unet, args.preprocess,
+                      loaded_models)
         for name in images
     ]
     loaded = time.perf_counter()
@@ -109,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         base, args.prompt, controls, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
         width=args.width, height=args.height, resize_mode=args.resize_mode, init_image=init, strength=args.strength,
+        **sizes,
     )
     record = {**result.settings, "base": str(args.base), "controls": _describe(images, controlnets, controls)}
     written = save_images(result.images, paths, record)
@@ -121,6 +148,16 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"  -> {path}")
     return 0
+
+
+def _size_conditioning(args: argparse.Namespace) -> dict[str, Any]:
+    """The SDXL micro-conditioning options given, checked (a base of another family refuses them at generation)."""
+    from controlkit.conditioning import SizeConditioning
+
+    given = {flag[2:].replace("-", "_"): tuple(getattr(args, flag[2:].replace("-", "_")))
+             for flag in MICRO_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None}
+    SizeConditioning(**given)
+    return given
 
 
 def _read_images(images: dict[str, str], init_image: str | None) -> tuple[dict[str, Any], Any]:
@@ -156,7 +193,7 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
     options: dict[str, dict[str, Any]] = {}
     for flag, key, convert in (
         ("--scale", "scale", float), ("--mode", "mode", str), ("--start", "start", float), ("--end", "end", float),
-        ("--layer-weights", "layer_weights", _weights),
+        ("--layer-weights", "layer_weights", _weights), ("--control-type", "control_type", str),
     ):
         for name, text in parse_named(getattr(args, key), flag).items():
             if name not in images:
@@ -169,7 +206,8 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
     from controlkit.control import OPTION_DEFAULTS, check_control_options
 
     for name in images:  # every control's options in range before any model loads
-        check_control_options(**{**OPTION_DEFAULTS, **options.get(name, {})}, prefix=f"control {name}: ")
+        given = {key: value for key, value in options.get(name, {}).items() if key in OPTION_DEFAULTS}
+        check_control_options(**{**OPTION_DEFAULTS, **given}, prefix=f"control {name}: ")
     return images, controlnets, options
 
 
@@ -177,10 +215,17 @@ def _weights(text: str) -> list[float]:
     return [float(item) for item in text.split(",")]
 
 
-def _load_control(name: str, source: str, photo: Any, options: dict[str, Any], unet: Any, preprocess: bool) -> Any:
+def _load_control(name: str, source: str, photo: Any, options: dict[str, Any], unet: Any, preprocess: bool,
+                  loaded: dict[str, Any]) -> Any:
     from controlkit.control import Control
 
-    control = Control.from_pretrained(source, photo, unet=unet, torch_dtype=unet.dtype, **options)
+    if source in loaded:
+        first = loaded[source]
+        options = {"conditional_only": first.conditional_only, **options}
+        control = Control(photo, first.controlnet, metadata=first.metadata, **options)
+    else:
+        control = Control.from_pretrained(source, photo, unet=unet, torch_dtype=unet.dtype, **options)
+        loaded[source] = control
     if preprocess:
         control.preprocessor = _preprocessor(name, control.metadata)
     return control
@@ -202,6 +247,7 @@ def _preprocessor(name: str, metadata: Any) -> Any:
 def _describe(images: dict[str, str], controlnets: dict[str, str], controls: list[Any]) -> list[dict[str, Any]]:
     return [
         {"name": name, "image": images[name], "controlnet": controlnets[name], "scale": control.scale,
-         "mode": control.mode, "start": control.start, "end": control.end}
+         "mode": control.mode, "start": control.start, "end": control.end,
+         **({"control_type": control.control_type} if control.control_type else {})}
         for name, control in zip(images, controls)
     ]
