@@ -264,7 +264,7 @@ def _start(
     if remaining < 1:
         raise ConfigError(f"`strength` {strength} with {steps} steps leaves no step to run; raise either")
     pixels = condition_tensor(fit_image(init, size, resize_mode)) * 2.0 - 1.0  # the VAE takes [-1, 1]
-    pixels = pixels.repeat(num_images, 1, 1, 1)
+    pixels = pixels.expand(num_images, -1, -1, -1)  # a view: one image keeps diffusers' memory layout (and bits)
     start = timesteps[:1].repeat(num_images)
     # in the VAE's dtype: SDXL's prepare_latents would otherwise convert a float32 VAE to `dtype` in place
     latents = pipe.prepare_latents(pixels, start, num_images, 1, pipe.vae.dtype, device, generator)
