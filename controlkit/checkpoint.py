@@ -1,12 +1,15 @@
 """Loading, saving and inspecting ControlNet checkpoints in every format users have.
 
 Formats read (recognised by content, see `safe_load`):
-- a diffusers folder (config.json + diffusion_pytorch_model.safetensors, or a pipeline folder's controlnet/);
-- a diffusers single .safetensors file;
+- a diffusers folder (config.json + diffusion_pytorch_model.safetensors, or a pipeline folder's controlnet/), of a
+  `ControlNetModel` or a `ControlNetUnionModel` (see `union_checkpoint`);
+- a diffusers single .safetensors file (a Union one recognised by its keys);
+- a Control-LoRA file (Stability's SDXL control-lora-*.safetensors), loaded onto the base's U-Net (`control_lora`);
 - the original lllyasviel format: ControlNet 1.0 full-model files (`control_model.*` plus the whole SD model)
   and 1.1 control-only files (`control_model.*` or bare keys), as .safetensors or .pth/.ckpt;
 - a hub id, only when the caller passes one explicitly.
-Formats written: a diffusers folder, or one original-format .safetensors file (what A1111 and ComfyUI load).
+Formats written: a diffusers folder, or one original-format .safetensors file (what A1111 and ComfyUI load; a
+Union model has no original layout, and a Control-LoRA is written as the full ControlNet it loads as).
 Condition metadata is written into the safetensors header and into config.json; original files also carry the
 diffusers config in their header, so our own exports load back exactly.
 """
@@ -19,6 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlkit import union_checkpoint as union
+from controlkit.control_lora import control_lora_info, is_control_lora, load_control_lora
 from controlkit.controlnet import (
     CONFIG_METADATA_KEY,
     METADATA_KEY,
@@ -31,16 +36,10 @@ from controlkit.controlnet import (
 from controlkit.errors import CheckpointError, ConfigError, WeightsNotFoundError, first_line, preview
 from controlkit.files import atomic_path, write_bytes_atomic
 from controlkit.json_files import parse_json_object, read_json_file
-from controlkit.model_config import check_model_config, shown
-from controlkit.original_format import (
-    CONTROL_PREFIX,
-    OriginalLayout,
-    client_support,
-    from_original,
-    is_bgr,
-    to_original,
-)
-from controlkit.safe_load import read_sharded, read_tensors
+from controlkit.model_config import check_model_config
+from controlkit.original_format import (CONTROL_PREFIX, OriginalLayout, client_support, from_original, is_bgr,
+                                        to_original)
+from controlkit.safe_load import RawCheckpoint, read_sharded, read_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +58,6 @@ _FOLDER_WEIGHTS = (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "di
                    "diffusion_pytorch_model.fp16.bin")
 #: Key prefixes of the Stable Diffusion model inside full checkpoints; never loaded as ControlNet weights.
 _SD_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.")
-#: ControlNet parts that are copies of the U-Net's (same names in both models).
 
 
 @dataclass
@@ -70,10 +68,11 @@ class ReadCheckpoint:
         path: the file or folder read.
         format: DIFFUSERS_FOLDER, DIFFUSERS_FILE, ORIGINAL_FULL or ORIGINAL.
         state_dict: diffusers key -> tensor (CPU, stored dtype).
-        config: the `ControlNetModel` config.
+        config: the model's config (diffusers keys).
         config_stored: True if the config came with the file, False if it was inferred from the weights.
         metadata: the condition metadata (stored, else guessed from the file name, else empty).
         metadata_source: 'stored', 'file name' or 'none'.
+        model_class: 'ControlNetModel' or 'ControlNetUnionModel'.
     """
 
     path: Path
@@ -83,6 +82,7 @@ class ReadCheckpoint:
     config_stored: bool
     metadata: ConditionMetadata
     metadata_source: str
+    model_class: str = union.CONTROLNET
 
 
 @dataclass
@@ -109,7 +109,8 @@ def load_controlnet(
     unet: UNet2DConditionModel | None = None,
     torch_dtype: torch.dtype | None = None,
 ) -> tuple[ControlNetModel, ConditionMetadata]:
-    """A ready `ControlNetModel` (eval mode) and its condition metadata from any supported format.
+    """A ready `ControlNetModel` (or `ControlNetUnionModel`, eval mode) and its condition metadata from any
+    supported format.
 
     With `unet`, the model is on the U-Net's device in its dtype (unless `torch_dtype` says otherwise): ready for
     `controlkit.pipeline.generate`, which never moves a ControlNet itself. Without, it is on the CPU.
@@ -117,20 +118,26 @@ def load_controlnet(
     Args:
         source: a diffusers folder, a .safetensors/.pth/.ckpt file, or a hub id 'org/name'.
         unet: the U-Net it will run with. The ControlNet must fit its encoder (same shapes), for files without
-            a config the attention settings are taken from it, and its device (unless "meta") is the model's.
+            a config the attention settings are taken from it, and its device (unless "meta") is the model's. A
+            Control-LoRA needs it: its LoRA pairs are fused into a copy of this U-Net's encoder (not modified).
         torch_dtype: dtype of the returned model; default: the U-Net's dtype if given, else the stored dtype.
 
     Raises:
         WeightsNotFoundError: nothing at `source`.
         CheckpointError: not a ControlNet, damaged, keys or shapes that do not match, non-finite values, or a
             checkpoint for a different base than `unet`.
+        ConfigError: a Control-LoRA without `unet`.
         UnsafeCheckpointError: a pickle that would run code.
     """
-    read = read_checkpoint(source)
+    path = _resolve(source)
+    raw = None if path.is_dir() else _read_raw(path)
+    if raw is not None and is_control_lora(raw.tensors):
+        return load_control_lora(path, raw.tensors, raw.metadata, unet=unet, torch_dtype=torch_dtype)
+    read = _checked(_read_folder(path) if raw is None else _read_file(path, raw))
     if unet is not None:
         check_fits(read.state_dict, read.config, unet, name=f"{read.path}: checkpoint")
         if not read.config_stored:
-            read = replace(read, config=_config_from_unet(unet, read.config))
+            read = replace(read, config=union.config_from_unet(unet, read.config, read.model_class))
     dtype = torch_dtype or (unet.dtype if unet is not None else None)
     device = unet.device if unet is not None and unet.device.type != "meta" else None  # a meta U-Net: shapes only
     # place the tensors, not the model: ModelMixin.to warns about fp32-pinned modules
@@ -146,12 +153,30 @@ def _placed(tensor: torch.Tensor, device: torch.device | None, dtype: torch.dtyp
 
 
 def read_checkpoint(source: str | os.PathLike) -> ReadCheckpoint:
-    """Tensors (diffusers names), config and metadata of a ControlNet checkpoint, validated against the config."""
+    """Tensors (diffusers names), config and metadata of a ControlNet checkpoint, validated against the config.
+    A Control-LoRA has no config of its own (it is read with its U-Net): CheckpointError saying so."""
+    path = _resolve(source)
+    if path.is_dir():
+        return _checked(_read_folder(path))
+    raw = _read_raw(path)
+    if is_control_lora(raw.tensors):
+        raise CheckpointError(f"{path} is a Control-LoRA, a ControlNet stored as changes to its base's U-Net; load "
+                              "it with load_controlnet(path, unet=base.unet)")
+    return _checked(_read_file(path, raw))
+
+
+def _resolve(source: str | os.PathLike) -> Path:
     from controlkit.weights import resolve_model_name, resolve_weights
 
     source = resolve_model_name(source, "controlnet")  # demo:canny and the other short names
-    path = resolve_weights("ControlNet", source, hint="pass a diffusers folder or a .safetensors/.pth file")
-    read = _read_folder(path) if path.is_dir() else _read_file(path)
+    return resolve_weights("ControlNet", source, hint="pass a diffusers folder or a .safetensors/.pth file")
+
+
+def _read_raw(path: Path) -> RawCheckpoint:
+    return read_tensors(path, keep=lambda key: not key.startswith(_SD_PREFIXES))
+
+
+def _checked(read: ReadCheckpoint) -> ReadCheckpoint:
     if read.config.get("global_pool_conditions") and not read.metadata.global_pooling:
         read.metadata = replace(read.metadata, global_pooling=True, conditional_only=True)
     read.config["global_pool_conditions"] = read.metadata.global_pooling
@@ -167,16 +192,15 @@ def _read_folder(path: Path) -> ReadCheckpoint:
         raise WeightsNotFoundError(f"{path} is a folder without config.json; pass a diffusers ControlNet folder "
                                    "or a weights file")
     config = read_json_file(config_path)
-    class_name = config.get("_class_name", "ControlNetModel")
-    if class_name != "ControlNetModel":
-        shown_name = class_name[:60] if isinstance(class_name, str) else shown(class_name)
-        raise CheckpointError(f"{config_path} describes a {shown_name}, not a ControlNetModel")
+    model_class = union.model_class(config.get("_class_name"), str(config_path))
     check_model_config(config, str(config_path))  # before any tensor is read or any module built
+    if model_class == union.UNION:
+        union.check_union_config(config, str(config_path))
     state_dict, header = _read_folder_weights(folder)
     stored = config.get(CONFIG_METADATA_KEY) or config.get(METADATA_KEY)
     metadata = ConditionMetadata.from_dict(stored) if stored is not None else ConditionMetadata.from_metadata(header)
     config = {k: v for k, v in config.items() if not k.startswith("_") and k != METADATA_KEY}
-    return _with_metadata(folder, DIFFUSERS_FOLDER, state_dict, config, True, metadata)
+    return _with_metadata(folder, DIFFUSERS_FOLDER, state_dict, config, True, metadata, model_class)
 
 
 def _read_folder_weights(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -193,13 +217,13 @@ def _read_folder_weights(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
     )
 
 
-def _read_file(path: Path) -> ReadCheckpoint:
-    raw = read_tensors(path, keep=lambda key: not key.startswith(_SD_PREFIXES))
+def _read_file(path: Path, raw: RawCheckpoint) -> ReadCheckpoint:
     stored_config = None
     if CONFIG_KEY in raw.metadata:
         stored_config = parse_json_object(raw.metadata[CONFIG_KEY], f"{path}: the stored config")
         check_model_config(stored_config, f"{path}: the stored config")
     keys = raw.tensors.keys()
+    model_class = union.UNION if union.is_union_state(keys) else union.CONTROLNET
     if any(key.startswith((CONTROL_PREFIX, "input_hint_block.")) for key in keys):
         layout = OriginalLayout.from_config(stored_config) if stored_config else None
         # original files hold the hint encoder in RGB order, as A1111 and ComfyUI feed it (see original_format)
@@ -216,42 +240,31 @@ def _read_file(path: Path) -> ReadCheckpoint:
                               f"{first_keys})")
     config = stored_config
     if config is None:
-        config = infer_config(state_dict)
+        config = union.infer_union_fields(state_dict) if model_class == union.UNION else infer_config(state_dict)
         check_model_config(config, f"{path}: the config its weights imply")
     metadata = ConditionMetadata.from_metadata(raw.metadata)
-    return _with_metadata(path, kind, state_dict, config, stored_config is not None, metadata)
+    return _with_metadata(path, kind, state_dict, config, stored_config is not None, metadata, model_class)
 
 
 def _with_metadata(path: Path, kind: str, state_dict: dict, config: dict, config_stored: bool,
-                   metadata: ConditionMetadata | None) -> ReadCheckpoint:
+                   metadata: ConditionMetadata | None, model_class: str) -> ReadCheckpoint:
     if metadata is not None:
-        return ReadCheckpoint(path, kind, state_dict, config, config_stored, metadata, "stored")
+        return ReadCheckpoint(path, kind, state_dict, config, config_stored, metadata, "stored", model_class)
     guessed = guess_metadata(path.name)
     source = "file name" if guessed.condition else "none"
-    return ReadCheckpoint(path, kind, state_dict, config, config_stored, guessed, source)
+    return ReadCheckpoint(path, kind, state_dict, config, config_stored, guessed, source, model_class)
 
 
-def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of a ControlNetModel with this config, built on the meta device (no memory)."""
-    model = _empty_model(config)
+def expected_shapes(config: dict[str, Any], model_class: str = union.CONTROLNET) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a ControlNetModel (or ControlNetUnionModel) with this config, built on the meta device
+    (no memory)."""
+    model = union.build_empty(config, model_class)
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
-
-
-def _empty_model(config: dict[str, Any]) -> ControlNetModel:
-    from accelerate import init_empty_weights
-    from diffusers import ControlNetModel
-
-    check_model_config(config, "the ControlNet config")  # every build passes here: never an unbounded one
-    try:
-        with init_empty_weights():
-            return ControlNetModel.from_config(config)
-    except Exception as error:  # diffusers raises many kinds for values it cannot build (within the bounds)
-        raise CheckpointError(f"the stored ControlNet config is invalid ({first_line(error)[:200]})") from None
 
 
 def _check_against_config(read: ReadCheckpoint) -> None:
     """Key count, names and every tensor's shape against the model the config describes."""
-    expected = expected_shapes(read.config)
+    expected = expected_shapes(read.config, read.model_class)
     found = read.state_dict
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -301,25 +314,8 @@ def empty_base_unet(base: str | os.PathLike) -> UNet2DConditionModel:
         raise CheckpointError(f"{config_path} is not a U-Net config ({first_line(error)[:200]})") from None
 
 
-def _config_from_unet(unet: UNet2DConditionModel, inferred: dict[str, Any]) -> dict[str, Any]:
-    """The config `from_unet` gives for this U-Net, with the conditioning encoder read from the weights."""
-    from accelerate import init_empty_weights
-    from diffusers import ControlNetModel
-
-    with init_empty_weights():
-        model = ControlNetModel.from_unet(
-            unet,
-            load_weights_from_unet=False,
-            conditioning_channels=inferred["conditioning_channels"],
-            conditioning_embedding_out_channels=tuple(inferred["conditioning_embedding_out_channels"]),
-        )
-    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    config["global_pool_conditions"] = inferred.get("global_pool_conditions", False)
-    return config
-
-
 def _instantiate(read: ReadCheckpoint) -> ControlNetModel:
-    model = _empty_model(read.config)
+    model = union.build_empty(read.config, read.model_class)
     try:
         model.load_state_dict(read.state_dict, strict=True, assign=True)
     except RuntimeError as error:  # keys and shapes were checked; this is a config/U-Net disagreement
@@ -341,10 +337,13 @@ def save_controlnet(
             `original=True`, the path of the single .safetensors file to write.
         original: write the original key format (`control_model.*`) that A1111 and ComfyUI load (a BGR
             ControlNet's first hint convolution flipped to the RGB they feed; see `original_format`). The name is
-            the caller's: `conversion.convert_controlnet` also checks it carries global pooling for them.
+            the caller's: `conversion.convert_controlnet` also checks it carries global pooling for them. A
+            ControlNet-Union has no original layout: ConfigError.
 
     Files are written under a temporary name and renamed, so an interrupted save never leaves a partial file.
     """
+    if original:
+        union.refuse_original(controlnet, str(directory))
     config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
     if config.get("global_pool_conditions") and not metadata.global_pooling:  # the model's setting wins
         metadata = replace(metadata, global_pooling=True)
@@ -359,9 +358,8 @@ def save_controlnet(
         _write_safetensors(to_original(state_dict, config), target, header)
         return target
     target.mkdir(parents=True, exist_ok=True)
-    from diffusers import ControlNetModel
-
-    full_config = {"_class_name": ControlNetModel.__name__, **config, CONFIG_METADATA_KEY: metadata.to_dict()}
+    class_name = union.UNION if union.is_union(controlnet) else union.CONTROLNET
+    full_config = {"_class_name": class_name, **config, CONFIG_METADATA_KEY: metadata.to_dict()}
     write_bytes_atomic(target / "config.json", json.dumps(full_config, indent=2).encode("utf-8"))
     _write_safetensors(state_dict, target / WEIGHTS_NAME, header)
     return target
@@ -377,13 +375,18 @@ def _write_safetensors(tensors: dict[str, Any], path: Path, header: dict[str, st
 def inspect_checkpoint(source: str | os.PathLike, *, unet: UNet2DConditionModel | None = None) -> CheckpointInfo:
     """Format, metadata, size and base family of a checkpoint, after the same validation as loading (including
     the fit to `unet` when one is given, e.g. from `empty_base_unet`)."""
-    read = read_checkpoint(source)
+    path = _resolve(source)
+    raw = None if path.is_dir() else _read_raw(path)
+    if raw is not None and is_control_lora(raw.tensors):
+        return CheckpointInfo(path=path, **control_lora_info(path, raw.tensors, raw.metadata, unet))
+    read = _checked(_read_folder(path) if raw is None else _read_file(path, raw))
     if unet is not None:
         check_fits(read.state_dict, read.config, unet, name=f"{read.path}: checkpoint")
     dtypes = sorted({str(value.dtype).replace("torch.", "") for value in read.state_dict.values()})
+    kind = f"{read.format}, {union.describe(read.config)}" if read.model_class == union.UNION else read.format
     return CheckpointInfo(
         path=read.path,
-        format=read.format,
+        format=kind,
         metadata=read.metadata,
         metadata_source=read.metadata_source,
         parameter_count=sum(value.numel() for value in read.state_dict.values()),
@@ -395,4 +398,3 @@ def inspect_checkpoint(source: str | os.PathLike, *, unet: UNet2DConditionModel 
         config_stored=read.config_stored,
         clients=client_support(read.config).line,
     )
-

@@ -122,10 +122,16 @@ def check_fits(controlnet_state: Mapping[str, Any], controlnet_config: Mapping[s
 
 
 def base_family(config: Mapping[str, Any]) -> str:
-    """'SD1.x', 'SD2.x', 'SDXL' or 'custom (cross-attention N)' for a U-Net or ControlNet config."""
+    """'SD1.x', 'SD2.x', 'SDXL' or 'custom (cross-attention N)' for a U-Net or ControlNet config.
+
+    SDXL is told by its added text/size embedding (`addition_embed_type` "text_time"), at any width: the tiny SDXL
+    models are SDXL's layout at a small size. Whether it is SDXL's *size* is `original_format.client_support`'s
+    question (it compares every layout value)."""
+    if config.get("addition_embed_type") == "text_time":
+        return "SDXL"
     width = config.get("cross_attention_dim")
     family = _FAMILY_BY_CROSS_ATTENTION.get(width) if isinstance(width, int) else None
-    if family == "SDXL" and config.get("addition_embed_type") != "text_time":
+    if family == "SDXL":  # 2048 wide without the added embedding is not SDXL's layout
         family = None
     return family or f"custom (cross-attention {width})"
 

@@ -91,10 +91,12 @@ def convert_controlnet(
 
     Raises:
         ConfigError: see `conversion_target`; for the original format also a layout the clients cannot load
-            (without `force`) and a file name that would give them the wrong global pooling. Nothing is written.
+            (without `force`), a ControlNet-Union (it has no original layout, even with `force`), and a file name
+            that would give them the wrong global pooling. Nothing is written.
     """
     from controlkit.checkpoint import load_controlnet, save_controlnet
     from controlkit.original_format import client_support, is_bgr
+    from controlkit.union_checkpoint import refuse_original
 
     target = conversion_target(source, destination, original=original, overwrite=overwrite)  # before loading
     controlnet, metadata = load_controlnet(source, torch_dtype=torch_dtype)
@@ -105,6 +107,7 @@ def convert_controlnet(
     support = client_support(controlnet.config)
     notes: list[str] = []
     if original:
+        refuse_original(controlnet, str(source))
         if not support.readable and not force:
             raise ConfigError(f"{source}: readable by A1111/ComfyUI: {support.line}; they cannot load it as an "
                               "original-format file. Pass --force to write it anyway, or use --to diffusers")

@@ -260,7 +260,11 @@ class ClientSupport:
 
 def client_support(config: Mapping[str, Any]) -> ClientSupport:
     """Whether A1111 and ComfyUI can read this ControlNet (a config checked by `check_model_config`) exported to
-    the original format: its layout must be one of STANDARD_LAYOUTS, value for value."""
+    the original format: its layout must be one of STANDARD_LAYOUTS, value for value. A ControlNet-Union (its
+    config has `num_control_type`) has no original layout: they read its diffusers file instead."""
+    if "num_control_type" in config:
+        return ClientSupport(False, "no: a ControlNet-Union has no original layout (ComfyUI and A1111 read its "
+                                    "diffusers .safetensors file directly)")
     family = base_family(config)
     ours = _layout(config)
     expected = STANDARD_LAYOUTS.get(family)

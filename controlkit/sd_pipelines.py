@@ -123,12 +123,14 @@ def load_base(
     device: str | torch.device | None = None,
     config: str | os.PathLike | None = None,
 ) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion base offline, every component in one dtype.
+    """Load a Stable Diffusion base (SD1.x, SD2.x or SDXL) offline, every component in one dtype.
 
     Args:
         source: "demo" (the shipped demo base, `controlkit.weights.resolve_model_name`), a diffusers folder
             (model_index.json, safetensors weights), a single-file checkpoint (.safetensors, or .ckpt read with
-            torch's weights-only loader), or a hub id that is in the local cache.
+            torch's weights-only loader), or a hub id that is in the local cache. The family comes from the
+            folder's model_index.json (a `StableDiffusionXLPipeline` is SDXL), from `config`'s for a single file,
+            else from the file's keys (SDXL's second text encoder).
         torch_dtype: weights dtype of every component (default float32, whatever the files store: transformers
             would keep a float16 text encoder in float16 beside a float32 U-Net, which cannot run together).
         device: where to put it (default: stays on the CPU); checked to exist before anything is loaded.
@@ -210,7 +212,7 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, options: dic
 
     family = folder_family(config) if config is not None else _single_file_family(path, kind)
     try:
-        return _pipeline_class(family).from_single_file(
+        base = _pipeline_class(family).from_single_file(
             str(path), config=None if config is None else str(config), local_files_only=True, **family.options,
             **options,
         )
@@ -223,6 +225,13 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, options: dic
         raise error
     except SingleFileComponentError as error:  # a checkpoint without the text encoder, VAE or U-Net
         raise CheckpointError(f"base model {path}: {first_line(error)}") from None
+    # diffusers leaves a component it found no weights for on the meta device, without a word
+    empty = [name for name in family.components if hasattr(getattr(base, name, None), "parameters")
+             and any(parameter.is_meta for parameter in getattr(base, name).parameters())]
+    if empty:
+        raise CheckpointError(f"base model {path}: the file has no weights for {', '.join(empty)}; pass a complete "
+                              f"{family.name} checkpoint (or one whose config matches `config`)")
+    return base
 
 
 def _single_file_family(path: Path, kind: str) -> BaseFamily:

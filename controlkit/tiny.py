@@ -42,8 +42,9 @@ class TinyConfig:
         norm_num_groups, vae_norm_num_groups: GroupNorm groups of the U-Net and of the VAE; None: as many as
             the first level has channels, up to 32 (a group per channel normalises every channel on its own, which
             costs a small VAE its colours: the demo uses 4 channels per group or more).
-        sdxl: build SDXL's layout: two text encoders of half `cross_attention_dim` each (the U-Net attends to
-            their concatenated hidden states, as SDXL's 768 + 1280 = 2048), the second one with a projection of
+        sdxl: build SDXL's layout: two text encoders of a quarter and three quarters of `cross_attention_dim`
+            (the U-Net attends to their concatenated hidden states, as SDXL's 768 + 1280 = 2048), the second with a
+            projection of
             `projection_dim` (the pooled prompt), and a U-Net whose added embedding takes that pooled vector and
             the six size/crop numbers (`addition_time_embed_dim` each), as SDXL's `addition_embed_type` "text_time".
     """
@@ -189,11 +190,12 @@ def build_components(config: TinyConfig = TinyConfig(), *, seed: int = 0) -> dic
         text_encoder = CLIPTextModel(_text_config(config, tokenizer, config.cross_attention_dim))
         return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
                 "scheduler": _sd_scheduler()}
-    half = config.cross_attention_dim // 2
-    text_encoder = CLIPTextModel(_text_config(config, tokenizer, half))
+    # unequal widths, as SDXL's 768 and 1280: diffusers' single-file reader tells the two encoders apart by width
+    first = config.cross_attention_dim // 4
+    text_encoder = CLIPTextModel(_text_config(config, tokenizer, first))
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(config, tokenizer, config.cross_attention_dim - half, projection_dim=config.projection_dim)
+        _text_config(config, tokenizer, config.cross_attention_dim - first, projection_dim=config.projection_dim)
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
             "tokenizer": tokenizer, "tokenizer_2": build_tokenizer(config.words), "scheduler": _sd_scheduler()}

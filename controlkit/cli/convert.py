@@ -17,7 +17,9 @@ EPILOG = """examples:
 
 --to original writes what A1111 and ComfyUI read: only the SD1.x, SD2.x and SDXL layouts (others need --force),
 a shuffle (global pooling) ControlNet under a name ending in _shuffle (they decide pooling from the name), and a
-BGR ControlNet's hint encoder flipped to the RGB they feed.
+BGR ControlNet's hint encoder flipped to the RGB they feed. A ControlNet-Union has no original layout (they read
+its diffusers file), so it converts --to diffusers only; a Control-LoRA needs its base's U-Net to load, which
+convert does not take.
 """
 
 DTYPES = ("keep", *DTYPE_NAMES)

@@ -1,4 +1,5 @@
-"""`controlkit info`: what a ControlNet checkpoint is (format, condition metadata, size, the base it fits)."""
+"""`controlkit info`: what a ControlNet checkpoint is (format, condition metadata, size, the base it fits), including
+ControlNet-Union models and Control-LoRA files."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ EPILOG = """examples:
   controlkit info models/controlnet-depth/          # a diffusers folder
   controlkit info control_canny.safetensors --json
   controlkit info control_v11f1p_sd15_depth.pth --base stable-diffusion-v1-5/   # exit 1 if it does not fit
+  controlkit info controlnet-union-sdxl-1.0/        # a ControlNet-Union: its control types
+  controlkit info control-lora-canny-rank128.safetensors --base sdxl-base/   # a Control-LoRA and its fit
 """
 
 
@@ -21,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="show a ControlNet checkpoint's format, condition metadata, size and base",
         description="Read a ControlNet checkpoint (without running code from it), check its keys and shapes, and "
-        "print its format, condition metadata, parameter count, dtype, the base model family it fits and whether "
-        "A1111 and ComfyUI can load it (SD1.x, SD2.x and SDXL layouts only).",
+        "print its format (ControlNet, ControlNet-Union with its control types, or Control-LoRA with its rank), "
+        "condition metadata, parameter count, dtype, the base model family it fits and whether A1111 and ComfyUI "
+        "can load it (SD1.x, SD2.x and SDXL layouts only).",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -46,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
     meta = info.metadata
     origin = {"stored": "", "file name": " (guessed from the file name)", "none": ""}[info.metadata_source]
     params = ", ".join(f"{key}={value!r}" for key, value in meta.preprocessor_params.items()) or "none recorded"
+    lora = info.format.startswith("Control-LoRA")
     rows = [
         ("checkpoint", str(info.path)),
         ("format", info.format),
         ("fits", _fits(info.family, info.cross_attention_dim)),
-        ("A1111/ComfyUI", f"readable as an original-format file: {info.clients}"),
+        ("A1111/ComfyUI", info.clients if lora else f"readable as an original-format file: {info.clients}"),
         ("parameters", f"{info.parameter_count:,} in {info.tensor_count} tensors ({info.dtype})"),
         ("condition", (meta.condition or "none recorded") + origin),
         ("preprocessor", meta.preprocessor or "none recorded"),
@@ -60,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         ("conditional only", _yes(meta.conditional_only)),
         ("trained on", meta.base or "not recorded"),
         ("condition input", f"{info.conditioning_channels} channels"),
-        ("config", "stored with the weights" if info.config_stored
-         else "inferred from the weights (attention heads follow the SD family)"),
+        ("config", _config(info.config_stored, lora)),
     ]
     if args.base:
         rows.insert(3, ("fits --base", f"yes ({args.base})"))
@@ -75,6 +79,12 @@ def _fits(family: str, width: int | None) -> str:
     if family.startswith("custom"):
         return f"custom U-Nets with cross-attention width {width} (not an SD1.x/SD2.x/SDXL size)"
     return f"{family} U-Nets (cross-attention width {width})"
+
+
+def _config(stored: bool, lora: bool) -> str:
+    if lora:
+        return "none: the ControlNet is built from the base's U-Net when loaded (--base checks the fit)"
+    return "stored with the weights" if stored else "inferred from the weights (attention heads follow the SD family)"
 
 
 def _yes(flag: bool) -> str:
