@@ -67,6 +67,9 @@ class TinyConfig:
 #: The SDXL test size: SDXL's layout (two text encoders, pooled and size/crop embedding, linear attention
 #: projections, two transformer layers at the lower level) at the size of diffusers' own SDXL ControlNet tests.
 TINY_SDXL_CONFIG = TinyConfig(cross_attention_dim=64, layers_per_block=2, sdxl=True)
+#: The test size of every base family (`controlkit.base_families.BASE_FAMILIES`), by family name: tests that must
+#: hold for every family run over this table.
+TINY_CONFIGS = {"SD1.x/SD2.x": TinyConfig(), "SDXL": TINY_SDXL_CONFIG}
 
 
 #: The embedded demo's base model: 64 x 64 images, a x4 VAE (16 x 16 x 4 latents), a three-level U-Net

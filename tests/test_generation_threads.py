@@ -17,6 +17,7 @@ from controlkit.control import Control
 from controlkit.errors import ConfigError
 from controlkit.pipeline import generate
 from controlkit.sd_pipelines import pipeline_from_components
+from controlkit.tiny import TINY_CONFIGS, build_components
 
 TINY_MODELS = True  # one torch thread for this module (tests/conftest.py)
 
@@ -32,6 +33,19 @@ CALLS = (
 @pytest.fixture(scope="module")
 def controlnet(components):
     return trained_like_controlnet(components["unet"], seed=4)
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def family_models(request):
+    """(base, ControlNet) of each base family at its tiny size."""
+    components = build_components(TINY_CONFIGS[request.param], seed=0)
+    return pipeline_from_components(components), trained_like_controlnet(components["unet"], seed=4)
+
+
+def test_every_base_family_has_a_tiny_test_size():
+    from controlkit.base_families import BASE_FAMILIES
+
+    assert sorted(TINY_CONFIGS) == sorted(family.name for family in BASE_FAMILIES)
 
 
 def condition_map(seed: int) -> np.ndarray:
@@ -71,9 +85,11 @@ def assert_unchanged(module: torch.nn.Module, before: dict) -> None:
     assert all(torch.equal(after["state"][name], before["state"][name]) for name in before["state"])
 
 
-def test_two_threads_sharing_base_and_controlnet_give_the_sequential_images(base, controlnet):
+def test_two_threads_sharing_base_and_controlnet_give_the_sequential_images(family_models):
+    base, controlnet = family_models
     expected = [run_call(base, controlnet, call) for call in CALLS]
-    modules = {"controlnet": controlnet, "unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder}
+    modules = {"controlnet": controlnet, **{name: module for name, module in base.components.items()
+                                            if isinstance(module, torch.nn.Module)}}
     before = {name: snapshot(module) for name, module in modules.items()}
     encoder = controlnet.controlnet_cond_embedding
     scheduler, timesteps = base.scheduler, base.scheduler.timesteps.clone()
