@@ -40,3 +40,33 @@ def load_tensors(path: Path) -> dict:
 
     return load_file(str(path))
 
+
+
+def make_sdxl_world(root: Path, pairs: int = 16) -> tuple[Path, Path]:
+    """(tiny SDXL base folder, dataset manifest) under `root`: controlkit.tiny's SDXL components, and toy-world
+    circles of which every other pair is cut to 24 x 32 (height x width), so that the samples' original sizes and
+    crops (SDXL's size/crop conditioning) differ."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from controlkit.demo.toyworld.dataset import write_dataset
+    from controlkit.tiny import TINY_SDXL_CONFIG, build_components, save_components
+
+    base = save_components(build_components(TINY_SDXL_CONFIG, seed=0), root / "sdxl-base")
+    source = write_dataset(root / "circles", pairs, kind="circles", condition="outline", size=32)
+    folder = root / "sdxl-pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, line in enumerate(source.read_text().splitlines()):
+        record = json.loads(line)
+        for role in ("image", "condition"):
+            pixels = np.asarray(Image.open(source.parent / record[role]).convert("RGB"))
+            name = f"{index:04d}-{role}.png"
+            Image.fromarray(pixels[:24] if index % 2 else pixels).save(folder / name)
+            record[role] = name
+        lines.append(json.dumps({key: record[key] for key in ("image", "condition", "prompt")}))
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return base, manifest

@@ -63,7 +63,9 @@ class PairedDataset:
         seed: with `epoch` and the index, seeds the random crop and randomised condition parameters.
 
     Items: dict(pixel_values=(3, R, R) float32 in [-1, 1], conditioning_pixel_values=(3, R, R) float32 in
-    [0, 1], prompt=str, index=int), or None for a skipped bad pair.
+    [0, 1], prompt=str, index=int, original_size=(height, width) of the image as read, before resizing,
+    crop_top_left=(top, left) of the crop in the resized image), or None for a skipped bad pair. The last two
+    are SDXL's size/crop conditioning of the sample (Podell et al. 2307.01952, section 2.2).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class PairedDataset:
         crop_rng, condition_rng = self.generators(index)
         image_source = read_source(pair.image, "image")
         image = read_image(image_source, "image")
+        original_size = (int(image.shape[0]), int(image.shape[1]))
         if pair.condition is not None:
             condition = read_image(read_source(pair.condition, "condition"), "condition")
             check_alignment(image, condition)
@@ -152,6 +155,7 @@ class PairedDataset:
         conditioning = condition_tensor(condition)[0]  # the models' input convention, defined once
         return {
             "pixel_values": pixel_values, "conditioning_pixel_values": conditioning, "prompt": prompt, "index": index,
+            "original_size": original_size, "crop_top_left": (int(top), int(left)),
         }
 
     def _computed_condition(self, image: np.ndarray, source: Any, rng: np.random.Generator) -> np.ndarray:
@@ -174,8 +178,8 @@ class PairedDataset:
 
     def _crop_origin(self, shape: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
         height, width = shape
-        if self.center_crop:
-            return (height - self.resolution) // 2, (width - self.resolution) // 2
+        if self.center_crop:  # torchvision's CenterCrop (diffusers' trainers): the half offset rounded, not floored
+            return int(round((height - self.resolution) / 2.0)), int(round((width - self.resolution) / 2.0))
         return int(rng.integers(0, height - self.resolution + 1)), int(rng.integers(0, width - self.resolution + 1))
 
 
@@ -197,8 +201,9 @@ def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
 
     Returns:
         dict(pixel_values=(B, 3, R, R), conditioning_pixel_values=(B, 3, R, R), prompts=list[str],
-        indices=list[int], skipped=int). A batch whose items were all bad has B = 0 (tensors of shape
-        (0, 3, 0, 0)); the training step should skip it.
+        indices=list[int], original_sizes=list[(height, width)], crop_top_lefts=list[(top, left)], skipped=int).
+        A batch whose items were all bad has B = 0 (tensors of shape (0, 3, 0, 0)); the training step should
+        skip it.
     """
     import torch
 
@@ -207,13 +212,15 @@ def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         empty = torch.zeros((0, 3, 0, 0))
         return {
             "pixel_values": empty, "conditioning_pixel_values": empty.clone(), "prompts": [], "indices": [],
-            "skipped": len(items),
+            "original_sizes": [], "crop_top_lefts": [], "skipped": len(items),
         }
     return {
         "pixel_values": torch.stack([item["pixel_values"] for item in kept]),
         "conditioning_pixel_values": torch.stack([item["conditioning_pixel_values"] for item in kept]),
         "prompts": [item["prompt"] for item in kept],
         "indices": [int(item["index"]) for item in kept],
+        "original_sizes": [tuple(item["original_size"]) for item in kept],
+        "crop_top_lefts": [tuple(item["crop_top_left"]) for item in kept],
         "skipped": len(items) - len(kept),
     }
 
@@ -328,15 +335,17 @@ def _match_size(condition: np.ndarray, image: np.ndarray) -> np.ndarray:
 
 
 def _resize_short_side(image: np.ndarray, resolution: int) -> np.ndarray:
-    """Short side to `resolution` (area when shrinking, bilinear when enlarging), aspect ratio kept."""
+    """Short side to `resolution` (area when shrinking, bilinear when enlarging), aspect ratio kept; the long side
+    is `int(resolution * long / short)`, torchvision's `Resize(resolution)` (diffusers' trainers), so that the
+    crop offsets SDXL is conditioned on are the ones diffusers computes."""
     import cv2
 
     height, width = image.shape[:2]
-    scale = resolution / min(height, width)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    short = min(height, width)
+    size = (max(resolution, int(resolution * width / short)), max(resolution, int(resolution * height / short)))
     if size == (width, height):
         return image
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    interpolation = cv2.INTER_AREA if resolution < short else cv2.INTER_LINEAR
     return cv2.resize(image, size, interpolation=interpolation)
 
 

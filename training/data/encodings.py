@@ -1,16 +1,22 @@
-"""What the frozen encoders make of a batch: latents from the VAE, embeddings from the text encoder.
+"""What the frozen encoders make of a batch: latents from the VAE, embeddings from the text encoder(s).
 
 Two ways, the same numbers:
 
-- per step, as diffusers' `train_controlnet.py`: `vae.encode(pixels).latent_dist` and `text_encoder(ids)` on
+- per step, as diffusers' `train_controlnet.py`: `vae.encode(pixels).latent_dist` and the text encoding on
   every batch;
 - cached: the VAE's latent distribution (mean and log-variance, before sampling) of every image and the
-  embedding of every distinct caption are computed once, before training, and read back per step.
+  text encoding of every distinct caption are computed once, before training, and read back per step.
+
+The text encoding is what the family's pipelines condition on (`PromptEncoder`): for SD1.x/SD2.x the text
+encoder's last hidden states; for SDXL the two encoders' penultimate hidden states, concatenated, and the second
+encoder's pooled projection (both are cached; diffusers' `train_controlnet_sdxl.py` caches these too, but
+encodes every latent per step).
 
 Either way the latent is sampled per step as `mean + std * eps`, with `eps` drawn from the trainer's generator, so
 switching the cache on changes speed, not the run. The cache lives in files (`numpy` memory maps), split over the
 processes that computed it (process r of W holds rows r, r + W, ...), keyed by everything that determines its
-content (encoder config and weight files, dtype, resolution, the pairs), so a changed input is never read stale.
+content (encoder config and weight files, dtype, resolution, crop rule, the pairs), so a changed input is never
+read stale.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +63,37 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) ->
     return text_encoder(ids, return_dict=False)[0]
 
 
+class PromptEncoder:
+    """Captions -> the U-Net's text conditioning: (embeddings (B, 77, D), pooled embeddings (B, P) or None).
+
+    SD1.x/SD2.x (`family.pooled` false): the text encoder's last hidden states, as diffusers' `train_controlnet.py`.
+    A family with a pooled prompt (SDXL): the family pipeline's own `encode_prompt`, the function generation calls
+    (`controlkit.conditioning.encode_conditioning`), over the same modules: one way to encode a prompt.
+
+    Args:
+        components: the base's modules by diffusers' names (`Components.base_modules()`).
+        family: their `controlkit.base_families.BaseFamily`.
+        device: where the embeddings go.
+        text_encoder: the module to call for SD1.x (the DDP wrapper of a trained text encoder); default
+            components["text_encoder"].
+    """
+
+    def __init__(self, components: Mapping[str, Any], family: Any, device: Any, text_encoder: Any = None):
+        self.components, self.family, self.device = components, family, device
+        self.text_encoder = text_encoder or components["text_encoder"]
+        self._pipeline: Any = None
+
+    def __call__(self, prompts: Sequence[str]) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        if not self.family.pooled:
+            return encode_prompts(self.components["tokenizer"], self.text_encoder, prompts), None
+        if self._pipeline is None:  # a pipeline object over the modules: cheap, nothing is copied
+            from controlkit.sd_pipelines import pipeline_from_components
+
+            self._pipeline = pipeline_from_components(self.components)
+        embeds, _, pooled, _ = self._pipeline.encode_prompt(list(prompts), None, self.device, 1, False)
+        return embeds, pooled
+
+
 def latent_shape(vae: Any, resolution: int) -> tuple[int, int, int]:
     """(latent channels, side, side) of an image of `resolution` pixels."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -80,55 +117,66 @@ class ShardedRows:
 
 
 class EncodingCache:
-    """Build or reuse one cached array (latent moments or prompt embeddings) for all processes.
+    """Build or reuse cached arrays (latent moments, or prompt embeddings and pooled embeddings) for all processes.
 
     Args:
         root: the cache folder; `key` names the sub-folder of this content.
         accelerator: for the process index, count and barrier.
+        names: the arrays of this content, row for row (every array has one row per item).
     """
 
-    def __init__(self, root: str | Path, key: str, accelerator: Any):
+    def __init__(self, root: str | Path, key: str, accelerator: Any, names: Sequence[str]):
         self.folder = Path(root) / key
         self.accelerator = accelerator
         world = accelerator.num_processes
-        self.paths = [self.folder / f"rows-{rank}of{world}.npy" for rank in range(world)]
+        self.paths = {name: [self.folder / f"{name}-{rank}of{world}.npy" for rank in range(world)] for name in names}
         self.valid_paths = [self.folder / f"valid-{rank}of{world}.npy" for rank in range(world)]
 
     def my_rows(self, total: int) -> list[int]:
         """The row ids this process computes."""
         return list(range(self.accelerator.process_index, total, self.accelerator.num_processes))
 
+    def _all_paths(self) -> list[Path]:
+        return [path for paths in self.paths.values() for path in paths] + self.valid_paths
+
     def is_built(self) -> bool:
-        return all(path.is_file() for path in self.paths + self.valid_paths)
+        return all(path.is_file() for path in self._all_paths())
 
     def write_shard(
-        self, shape: tuple[int, ...], dtype: "torch.dtype", batches: Iterable[tuple[list[int], Any]]
+        self, shapes: Mapping[str, tuple[int, ...]], dtype: "torch.dtype",
+        batches: Iterable[tuple[list[int], Mapping[str, Any]]],
     ) -> None:
-        """Fill this process's shard from `batches` of (row ids, tensor of those rows) and commit it atomically."""
+        """Fill this process's shard of every array (`shapes`: name -> (total rows, *row shape)) from `batches` of
+        (row ids, {name: tensor of those rows}) and commit each file atomically."""
         import numpy as np
 
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         self.folder.mkdir(parents=True, exist_ok=True)
-        count = len(range(rank, shape[0], world))
-        temporary = self.paths[rank].with_name(f".{self.paths[rank].name}.{os.getpid()}.tmp.npy")
-        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=storage_dtype(dtype), shape=(count, *shape[1:]))
+        count = len(range(rank, next(iter(shapes.values()))[0], world))
+        temporaries = {name: _temporary(self.paths[name][rank]) for name in self.paths}
+        arrays = {name: np.lib.format.open_memmap(temporaries[name], mode="w+", dtype=storage_dtype(dtype),
+                                                  shape=(count, *shapes[name][1:])) for name in self.paths}
         valid = np.zeros(count, dtype=bool)
         for ids, values in batches:
             local = [i // world for i in ids]
-            array[local] = to_storage(values)
+            for name, array in arrays.items():
+                array[local] = to_storage(values[name])
             valid[local] = True
-        array.flush()
-        del array
-        os.replace(temporary, self.paths[rank])
-        temporary_valid = self.valid_paths[rank].with_name(f".{self.valid_paths[rank].name}.{os.getpid()}.tmp.npy")
+        for array in arrays.values():
+            array.flush()
+        arrays.clear()  # closes the memory maps before their files are renamed into place
+        for name, temporary in temporaries.items():
+            os.replace(temporary, self.paths[name][rank])
+        temporary_valid = _temporary(self.valid_paths[rank])
         np.save(temporary_valid, valid)
         os.replace(temporary_valid, self.valid_paths[rank])
 
-    def open(self, dtype: "torch.dtype") -> tuple[ShardedRows, list[int]]:
-        """All shards (after every process wrote its own) and the ids of the rows that hold a value."""
+    def open(self, dtype: "torch.dtype") -> tuple[dict[str, ShardedRows], list[int]]:
+        """Every array (after every process wrote its own shard), by name, and the ids of the rows that hold a
+        value."""
         import numpy as np
 
-        missing = [str(path) for path in self.paths + self.valid_paths if not path.is_file()]
+        missing = [str(path) for path in self._all_paths() if not path.is_file()]
         if missing:
             from controlkit.errors import ConfigError
 
@@ -136,11 +184,28 @@ class EncodingCache:
                 f"encoding cache incomplete ({missing[0]} missing): with several machines, data.cache_dir must be "
                 "on storage they share (or set data.cache_encodings=false)"
             )
-        world = len(self.paths)
+        world = len(self.valid_paths)
         valid = [np.load(path) for path in self.valid_paths]
         total = sum(len(v) for v in valid)
         usable = [i for i in range(total) if valid[i % world][i // world]]
-        return ShardedRows(self.paths, dtype), usable
+        return {name: ShardedRows(paths, dtype) for name, paths in self.paths.items()}, usable
+
+
+def _temporary(path: Path) -> Path:
+    """Where this process writes `path` before renaming it into place (numpy adds no suffix to a .npy name)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+
+
+def padded_chunks(ids: Sequence[int], size: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(ids, the same padded to `size` by repeating the last) for consecutive chunks of `size` ids.
+
+    The cache encodes in chunks of the training batch size because CPU kernels choose their blocking by batch size:
+    a sample encoded in a batch of the same size gives the same bits whatever the other samples are, so cached
+    encodings equal per-step ones exactly.
+    """
+    for start in range(0, len(ids), size):
+        chunk = list(ids[start : start + size])
+        yield chunk, chunk + [chunk[-1]] * (size - len(chunk))
 
 
 def storage_dtype(dtype: "torch.dtype") -> Any:

@@ -4,21 +4,27 @@ Randomness per optimizer step is drawn once for the whole global batch from the 
 on every process): the latent posterior's `eps`, the diffusion noise, the timesteps and the prompt dropout. Each
 sample takes the draws at its position in the global batch, so a sample meets the same randomness whatever the
 number of processes or accumulation steps, with or without the encoding cache.
+
+For SDXL each sample also carries its size/crop conditioning: the image's size before resizing, the crop's
+(top, left) in the resized image and the training size, the six numbers diffusers' `train_text_to_image_sdxl.py`
+computes per sample (`size_time_ids`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from controlkit.errors import ControlkitError
 from training.data.encodings import (
     EncodingCache,
+    PromptEncoder,
     content_key,
     encode_images,
-    encode_prompts,
     folder_identity,
     latent_shape,
+    padded_chunks,
     sample_latents,
 )
 from training.engine.step import StepInputs
@@ -28,6 +34,11 @@ if TYPE_CHECKING:
 
     from training.config import TrainConfig
     from training.engine.models import Components
+
+
+#: Changes whenever the pixels a cached latent was encoded from would change for the same pairs and resolution
+#: (the resize and crop rule of training/data/dataset.py), so that older caches are not read.
+GEOMETRY = "short-side-int/center-round"
 
 
 @dataclass
@@ -57,9 +68,9 @@ class BatchEncoder:
 
     def __init__(self, config: "TrainConfig", parts: "Components", device: Any, text_encoder_forward: Any = None):
         self.config, self.parts, self.device = config, parts, device
-        self.text_encoder_forward = text_encoder_forward or parts.text_encoder
+        self.prompts = PromptEncoder(parts.base_modules(), parts.family, device, text_encoder_forward)
         self.latent_rows = None  # ShardedRows of latent moments, by dataset index
-        self.text_rows = None  # ShardedRows of embeddings, by prompt id
+        self.text_rows = None  # {"embeds": ShardedRows, "pooled": ShardedRows (SDXL)} by prompt id
         self.prompt_ids: dict[str, int] = {}
         self.latent_shape = latent_shape(parts.vae, config.data.resolution)
         self._last: StepInputs | None = None
@@ -77,7 +88,7 @@ class BatchEncoder:
                 raise ControlkitError("every pair of the first batch is bad; check the data: controlkit dataset check")
             previous = self._last
             return StepInputs(previous.latents, previous.text_embeds, previous.condition, previous.noise,
-                              previous.timesteps, torch.zeros_like(previous.weights))
+                              previous.timesteps, torch.zeros_like(previous.weights), previous.added)
         rows = torch.tensor([positions[index] for index in batch["indices"]], device=draws.eps.device)
         prompts = ["" if drop else prompt for prompt, drop in zip(batch["prompts"], draws.drop_prompt[rows].tolist())]
         with torch.no_grad():
@@ -86,27 +97,33 @@ class BatchEncoder:
             else:
                 moments = encode_images(self.parts.vae, batch["pixel_values"].to(self.device, non_blocking=True))
             latents = sample_latents(self.parts.vae.config, moments, draws.eps[rows])
-        text_embeds = self._text_embeds(prompts)
+        text_embeds, pooled = self._text_embeds(prompts)
+        added = None
+        if pooled is not None:
+            time_ids = size_time_ids(batch["original_sizes"], batch["crop_top_lefts"], self.config.data.resolution)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device)}
         condition = None
         if self.parts.controlnet is not None:
             condition = batch["conditioning_pixel_values"].to(self.device, non_blocking=True)
             if self.config.model.channels_last:
                 condition = condition.to(memory_format=torch.channels_last)
         inputs = StepInputs(latents, text_embeds, condition, draws.noise[rows].to(self.device),
-                            draws.timesteps[rows].to(self.device), torch.ones(len(rows), device=self.device))
+                            draws.timesteps[rows].to(self.device), torch.ones(len(rows), device=self.device), added)
         self._last = inputs
         return inputs
 
-    def _text_embeds(self, prompts: list[str]) -> "torch.Tensor":
+    def _text_embeds(self, prompts: list[str]) -> tuple["torch.Tensor", "torch.Tensor | None"]:
         import torch
 
         if self.text_rows is not None:
-            rows = self.text_rows.rows(self.prompt_ids[prompt] for prompt in prompts)
-            return rows.to(self.device, non_blocking=True)
+            ids = [self.prompt_ids[prompt] for prompt in prompts]
+            embeds, pooled = (self.text_rows[name].rows(ids).to(self.device, non_blocking=True)
+                              if name in self.text_rows else None for name in ("embeds", "pooled"))
+            return embeds, pooled
         if self.config.model.train_text_encoder:
-            return encode_prompts(self.parts.tokenizer, self.text_encoder_forward, prompts)
+            return self.prompts(prompts)
         with torch.no_grad():
-            return encode_prompts(self.parts.tokenizer, self.parts.text_encoder, prompts)
+            return self.prompts(prompts)
 
     # -- the cache ---------------------------------------------------------------------------------------------
 
@@ -131,55 +148,82 @@ class BatchEncoder:
         pairs = [(pair.key, _identity(pair.image), _identity(pair.condition)) for pair in dataset.pairs]
         key = content_key(
             "latents", vae=dict(vae.config), weights=folder_identity(self.parts.base_path / "vae"),
-            dtype=str(vae.dtype), resolution=self.config.data.resolution, pairs=pairs,
+            dtype=str(vae.dtype), resolution=self.config.data.resolution, geometry=GEOMETRY, pairs=pairs,
         )
-        cache = EncodingCache(cache_root, key, accelerator)
+        cache = EncodingCache(cache_root, key, accelerator, names=("moments",))
         if not cache.is_built():
-            mine = cache.my_rows(len(dataset))
-            size = self.config.train.batch_size
+            chunks = list(padded_chunks(cache.my_rows(len(dataset)), self.config.train.batch_size))
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=[mine[i : i + size] for i in range(0, len(mine), size)],
-                collate_fn=collate_pairs, num_workers=self.config.data.num_workers,
+                dataset, batch_sampler=[padded for _, padded in chunks], collate_fn=collate_pairs,
+                num_workers=self.config.data.num_workers,
             )
 
             def encoded():
                 with torch.no_grad():
                     for batch in loader:
                         if batch["indices"]:
-                            yield batch["indices"], encode_images(vae, batch["pixel_values"].to(self.device))
+                            moments = encode_images(vae, batch["pixel_values"].to(self.device))
+                            yield _unpadded(batch["indices"], {"moments": moments})
 
             shape = (len(dataset), 2 * self.latent_shape[0], *self.latent_shape[1:])
-            cache.write_shard(shape, vae.dtype, encoded())
+            cache.write_shard({"moments": shape}, vae.dtype, encoded())
         accelerator.wait_for_everyone()
-        self.latent_rows, usable = cache.open(vae.dtype)
+        rows, usable = cache.open(vae.dtype)
+        self.latent_rows = rows["moments"]
         return usable
 
     def _cache_prompts(self, accelerator: Any, dataset: Any, cache_root: Any) -> None:
         import torch
 
         prompts = sorted({pair.prompt.strip() for pair in dataset.pairs if isinstance(pair.prompt, str)} | {""})
-        encoder = self.parts.text_encoder
+        parts = self.parts
+        with torch.no_grad():
+            probe_embeds, probe_pooled = self.prompts([""])  # the shapes and dtype of an encoding
+        names = ("embeds",) if probe_pooled is None else ("embeds", "pooled")
+        modules = parts.base_modules()
         key = content_key(
-            "prompts", encoder=encoder.config.to_dict(), dtype=str(encoder.dtype), prompts=prompts,
-            weights=folder_identity(self.parts.base_path / "text_encoder"),
-            tokenizer=folder_identity(self.parts.base_path / "tokenizer"),
+            "prompts", family=parts.family.name, dtype=str(probe_embeds.dtype), prompts=prompts,
+            configs={name: modules[name].config.to_dict() for name in parts.text_names() if "encoder" in name},
+            weights={name: folder_identity(parts.base_path / name) for name in parts.text_names()},
         )
-        cache = EncodingCache(cache_root, key, accelerator)
+        cache = EncodingCache(cache_root, key, accelerator, names=names)
         if not cache.is_built():
-            mine = cache.my_rows(len(prompts))
-            size = max(self.config.train.batch_size, 16)
 
             def encoded():
                 with torch.no_grad():
-                    for start in range(0, len(mine), size):
-                        ids = mine[start : start + size]
-                        yield ids, encode_prompts(self.parts.tokenizer, encoder, [prompts[i] for i in ids])
+                    for ids, padded in padded_chunks(cache.my_rows(len(prompts)), self.config.train.batch_size):
+                        embeds, pooled = self.prompts([prompts[i] for i in padded])
+                        yield _unpadded(ids, {"embeds": embeds, "pooled": pooled})
 
-            width = encoder.config.hidden_size
-            cache.write_shard((len(prompts), self.parts.tokenizer.model_max_length, width), encoder.dtype, encoded())
+            shapes = {"embeds": (len(prompts), *probe_embeds.shape[1:])}
+            if probe_pooled is not None:
+                shapes["pooled"] = (len(prompts), *probe_pooled.shape[1:])
+            cache.write_shard(shapes, probe_embeds.dtype, encoded())
         accelerator.wait_for_everyone()
-        self.text_rows, _ = cache.open(encoder.dtype)
+        self.text_rows, _ = cache.open(probe_embeds.dtype)
         self.prompt_ids = {prompt: index for index, prompt in enumerate(prompts)}
+
+
+def size_time_ids(original_sizes: Sequence[Sequence[int]], crop_top_lefts: Sequence[Sequence[int]],
+                  resolution: int) -> "torch.Tensor":
+    """SDXL's six size/crop numbers per sample, (B, 6) float32: original (height, width) before resizing, crop
+    (top, left), target (resolution, resolution), laid out as `controlkit.conditioning.SizeConditioning` lays
+    them out for generation."""
+    import torch
+
+    from controlkit.conditioning import SizeConditioning
+
+    target = (resolution, resolution)
+    rows = [SizeConditioning(original_size=tuple(size), crops_coords_top_left=tuple(crop),
+                             target_size=target).time_ids(target)[1]
+            for size, crop in zip(original_sizes, crop_top_lefts)]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _unpadded(ids: list[int], values: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+    """The rows of `ids` of an encoding of `padded_chunks`' padded ids (the padding repeats the last id)."""
+    count = len(dict.fromkeys(ids))
+    return ids[:count], {name: value[:count] for name, value in values.items() if value is not None}
 
 
 def _identity(reference: Any) -> Any:

@@ -1,9 +1,10 @@
 """The final model of a run, in the formats `controlkit generate` loads.
 
 - kind 'controlnet': `OUTPUT/controlnet/` (diffusers folder with the condition metadata, via
-  `controlkit.checkpoint.save_controlnet`), plus `OUTPUT/<name>.safetensors` in the original key format with
-  `checkpoint.save_original`. With `model.unlock_decoder` the U-Net's decoder changed too, so `OUTPUT/base/` holds
-  the base with that decoder: generate with `--base OUTPUT/base --controlnet NAME=OUTPUT/controlnet`.
+  `controlkit.checkpoint.save_controlnet`; its `base` names the base family, "SDXL" for an SDXL base), plus
+  `OUTPUT/<name>.safetensors` in the original key format with `checkpoint.save_original`. With
+  `model.unlock_decoder` the U-Net's decoder changed too, so `OUTPUT/base/` holds the base with that decoder:
+  generate with `--base OUTPUT/base --controlnet NAME=OUTPUT/controlnet`.
 - kind 'base': `OUTPUT/model/`, a diffusers Stable Diffusion folder (the trained U-Net, the text encoder trained
   or as it was, the base's VAE, tokenizer and scheduler).
 
@@ -114,15 +115,25 @@ def _failed_export(run: "Run", reason: str) -> str:
 
 def condition_metadata(config: "TrainConfig", parts: "Components") -> Any:
     """ConditionMetadata of the trained ControlNet: its condition, the preprocessor (and fixed parameters) its
-    maps came from, and the base family."""
-    from controlkit.controlnet import ConditionMetadata, base_family
+    maps came from, and the base family (`recorded_base`)."""
+    from controlkit.controlnet import ConditionMetadata
     from preprocessors.registry import PREPROCESSORS
 
     known = config.model.condition in PREPROCESSORS
     preprocessor = config.data.preprocessor or (config.model.condition if known else None)
     params = dict(config.data.preprocessor_params) if config.data.preprocessor else {}
     return ConditionMetadata(condition=config.model.condition, preprocessor=preprocessor, preprocessor_params=params,
-                             base=base_family(parts.unet.config))
+                             base=recorded_base(parts))
+
+
+def recorded_base(parts: "Components") -> str:
+    """The base family a ControlNet records: a family known by its layout (SDXL: the pooled prompt and size/crop
+    embedding) by its name ("SDXL"), whatever its width; SD1.x and SD2.x share one layout and differ in width only,
+    so for them the U-Net's width decides (`controlkit.controlnet.base_family`: "SD1.x", "SD2.x" or "custom
+    (cross-attention N)")."""
+    from controlkit.controlnet import base_family
+
+    return parts.family.name if parts.family.pooled else base_family(parts.unet.config)
 
 
 def _save_controlnet(config: "TrainConfig", parts: "Components", folder: Path) -> None:

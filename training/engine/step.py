@@ -6,7 +6,9 @@ where x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise and the target is the nois
 velocity sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (v-prediction), picked by the noise scheduler's
 `prediction_type` as in diffusers' trainers. The ControlNet's 13 outputs (SD1.x) are added to the U-Net's 12
 skip connections and its middle block (Zhang, Rao & Agrawala, arXiv 2302.05543, eq. 3); with `only_mid_control`
-only the middle one is (the original `only_mid_control`).
+only the middle one is (the original `only_mid_control`). An SDXL base's U-Net and its ControlNet both also take
+the pooled prompt and the sample's size/crop numbers (`added_cond_kwargs`, as in diffusers'
+`train_controlnet_sdxl.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class StepInputs:
         condition: (B, C, H, W) float condition maps in [0, 1] (None for the base model).
         noise: (B, 4, h, w) standard normal; timesteps: (B,) int64 in [0, num_train_timesteps).
         weights: (B,) float per-sample loss weights (1; 0 for stand-ins of a skipped batch).
+        added: SDXL's added conditioning, None for SD1.x/SD2.x: "text_embeds", the pooled prompt (B, P), and
+            "time_ids" (B, 6) float32: original (height, width), crop (top, left), target (height, width) in pixels.
     """
 
     latents: "torch.Tensor"
@@ -36,6 +40,7 @@ class StepInputs:
     noise: "torch.Tensor"
     timesteps: "torch.Tensor"
     weights: "torch.Tensor"
+    added: "dict[str, torch.Tensor] | None" = None
 
 
 def prediction_target(noise_scheduler: Any, latents: "torch.Tensor", noise: "torch.Tensor", timesteps: "torch.Tensor"):
@@ -66,12 +71,15 @@ def predict(
     """
     dtype = unet_dtype or noisy_latents.dtype
     unet_latents, unet_text = noisy_latents.to(dtype), inputs.text_embeds.to(dtype)
+    unet_added = _in_dtype(inputs.added, dtype)
     if controlnet is None:
-        return unet(unet_latents, inputs.timesteps, encoder_hidden_states=unet_text, return_dict=False)[0]
-    # 1. The trainable copy of the encoder sees the noisy latents, the caption and the condition map.
+        return unet(unet_latents, inputs.timesteps, encoder_hidden_states=unet_text, added_cond_kwargs=unet_added,
+                    return_dict=False)[0]
+    # 1. The trainable copy of the encoder sees the noisy latents, the caption (and SDXL's added conditioning) and
+    #    the condition map.
     down_residuals, mid_residual = controlnet(
         noisy_latents, inputs.timesteps, encoder_hidden_states=inputs.text_embeds,
-        controlnet_cond=inputs.condition, return_dict=False,
+        controlnet_cond=inputs.condition, added_cond_kwargs=inputs.added, return_dict=False,
     )
     # 2. only_mid_control keeps the skip residuals out of the U-Net. They are multiplied by zero rather than
     #    dropped so that every parameter stays in the graph (distributed data parallel expects gradients for all).
@@ -79,10 +87,14 @@ def predict(
         down_residuals = [residual * 0.0 for residual in down_residuals]
     # 3. The frozen U-Net adds them to its skip connections and middle block.
     return unet(
-        unet_latents, inputs.timesteps, encoder_hidden_states=unet_text,
+        unet_latents, inputs.timesteps, encoder_hidden_states=unet_text, added_cond_kwargs=unet_added,
         down_block_additional_residuals=[residual.to(dtype) for residual in down_residuals],
         mid_block_additional_residual=mid_residual.to(dtype), return_dict=False,
     )[0]
+
+
+def _in_dtype(added: "dict[str, torch.Tensor] | None", dtype: "torch.dtype") -> "dict[str, torch.Tensor] | None":
+    return None if added is None else {key: value.to(dtype) for key, value in added.items()}
 
 
 def training_loss(

@@ -4,6 +4,9 @@
     >>> result = controlkit.train("training/configs/canny_sd15.toml", ["data.source=fill50k/prompt.json"])
     >>> result.output                                   # OUTPUT/controlnet: use with controlkit generate
 
+`model.base` is a diffusers folder of an SD1.x/SD2.x or an SDXL base (the family its model_index.json names,
+`controlkit.base_families`; e.g. training/configs/canny_sdxl.toml); the same config and code path train both.
+
 The run is built by `create_run` (training/engine/run.py): an accelerate `Accelerator` (mixed precision, gradient
 accumulation, DDP/DeepSpeed/FSDP from `accelerate launch`), the recipe's models and data, optimizer, schedule and
 EMA, then a resume if asked. The recipe of `model.kind` (`RECIPES`) says what one optimizer step does

@@ -1,10 +1,11 @@
 """Validation during training: generate on fixed pairs with the generation pipeline, save a grid, measure.
 
 Every `validation.every_steps` the main process generates one image per validation pair with
-`controlkit.pipeline.generate` (the same code as `controlkit generate`), writes `validation/step-XXXXXXXX.png`
-(one row per pair: condition | generated | target), logs the grid to TensorBoard and, for conditions with a
-controllability metric (training/metrics.py), re-annotates the generated images and logs the score. The other
-processes wait at a barrier (`train.process_timeout_minutes` bounds how long).
+`controlkit.pipeline.generate` (the same code as `controlkit generate`, over a pipeline of the base's family:
+SDXL's for an SDXL base), writes `validation/step-XXXXXXXX.png` (one row per pair: condition | generated |
+target), logs the grid to TensorBoard and, for conditions with a controllability metric (training/metrics.py),
+re-annotates the generated images and logs the score. The other processes wait at a barrier
+(`train.process_timeout_minutes` bounds how long).
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ class Validator:
 
     @contextlib.contextmanager
     def _eval_weights(self):
-        """The base and ControlNet to generate with: EMA weights when EMA is on, in eval mode. Generation runs every
-        module in one dtype, so with mixed precision the trained modules (float32) take part as copies in the
-        frozen modules' dtype; the trained weights themselves are not touched."""
+        """The base (a pipeline of the base's family) and ControlNet to generate with: EMA weights when EMA is on,
+        in eval mode. Generation runs every module but the VAE in one dtype, so with mixed precision the trained
+        modules (float32) take part as copies in the frozen modules' dtype; the trained weights themselves are not
+        touched. The VAE is used as it is (float32 where the run keeps it so: generation decodes in its dtype)."""
         from controlkit.sd_pipelines import pipeline_from_components
 
         run, parts = self.run_ref, self.parts
@@ -106,12 +108,12 @@ class Validator:
             try:
                 for module in modules:
                     module.eval()
-                dtype = parts.vae.dtype  # frozen in every mode
-                unet, text_encoder, controlnet = (_in_dtype(run.accelerator, module, dtype)
-                                                  for module in (parts.unet, parts.text_encoder, parts.controlnet))
-                base = pipeline_from_components({"unet": unet, "vae": parts.vae, "text_encoder": text_encoder,
-                                                 "tokenizer": parts.tokenizer, "scheduler": parts.noise_scheduler})
-                yield base, controlnet
+                dtype = parts.weight_dtype
+                networks = {name: _in_dtype(run.accelerator, module, dtype)
+                            for name, module in parts.base_modules().items()
+                            if name in ("unet", "text_encoder", "text_encoder_2")}
+                base = pipeline_from_components(parts.base_modules(**networks), settings=parts.settings)
+                yield base, _in_dtype(run.accelerator, parts.controlnet, dtype)
             finally:
                 for module, training in zip(modules, was_training):
                     module.train(training)
