@@ -75,6 +75,10 @@ class Control:
         control_type: for a ControlNet-Union model, which of its types the image is (a name in
             `controlkit.union.UNION_TYPES`: openpose, depth, softedge, canny, lineart, normal, segment, tile, ...);
             None for every other ControlNet.
+        every: step reuse. An integer k in 1..`MAX_EVERY`: the ControlNet runs on the first step of its window and
+            on every k-th step after it, and the steps between reuse its last residuals (1: every step, the
+            default). Or a schedule: the 0-based step indices at which it runs (its window's first step always
+            does). Each reused step saves the ControlNet's share of the step time, at a measured cost in control.
     """
 
     image: Any
@@ -88,8 +92,10 @@ class Control:
     conditional_only: bool = False
     metadata: ConditionMetadata | None = field(default=None, repr=False)
     control_type: str | None = None
+    every: int | Sequence[int] = 1
 
     def __post_init__(self) -> None:
+        self.every = check_every(self.every)
         from controlkit.union import is_union, union_type_index
 
         if is_union(self.controlnet):
@@ -168,6 +174,15 @@ class Control:
         """Whether step `step` (0-based) of `num_steps` lies in the start/end window (diffusers' rule)."""
         return not (step / num_steps < self.start or (step + 1) / num_steps > self.end)
 
+    def runs_at(self, step: int, num_steps: int) -> bool:
+        """Whether the ControlNet runs at an active `step` or reuses its last residuals (`every`)."""
+        first = next((s for s in range(num_steps) if self.active_at(s, num_steps)), step)
+        if step == first:
+            return True
+        if isinstance(self.every, int):
+            return (step - first) % self.every == 0
+        return step in self.every
+
 
 def num_control_layers(controlnet: ControlNetModel) -> int:
     """Outputs of a ControlNet: one per U-Net skip connection plus the middle block (13 for SD1.x)."""
@@ -236,14 +251,21 @@ class PreparedControl:
     Attributes:
         control: the user's spec.
         embedding: output of the ControlNet's conditioning encoder, (N, C, h, w) at latent size, N the batch
-            the ControlNet runs on (or 1, broadcast over it). For a Union model, the condition pixels (1, 3, H, W) in [0, 1]: its
-            encoder runs inside its forward (`controlkit.union`).
+            the ControlNet runs on (or 1, broadcast over it). For a Union model, the condition pixels
+            (1, 3, H, W) in [0, 1]: its encoder runs inside its forward (`controlkit.union`).
         scales: one multiplier per ControlNet output.
+        reused: the last residuals this control's forward gave, with the step they were computed at and the
+            controls that shared the forward, for the steps that reuse them (`Control.every`).
+        compiled, scale_tensor: with `generate(..., compile=True)`, the ControlNet's compiled forward
+            (`controlkit.compiled`) and the scales as a float32 (N,) tensor it takes.
     """
 
     control: Control
     embedding: torch.Tensor
     scales: list[float]
+    reused: tuple[int, tuple[int, ...], list[torch.Tensor]] | None = None
+    compiled: Any = None
+    scale_tensor: torch.Tensor | None = None
 
 
 def prepare_control(
@@ -275,77 +297,20 @@ def prepare_control(
     return PreparedControl(control, embedding, control.layer_scales())
 
 
-def control_residuals(
-    controls: Sequence[PreparedControl],
-    model_input: torch.Tensor,
-    timestep: torch.Tensor,
-    conditioning: Any,
-    *,
-    step: int,
-    num_steps: int,
-    guided: bool,
-) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-    """Summed, scaled residuals of the controls active at this step, for the U-Net's skips and middle block.
-
-    Args:
-        model_input: scaled latents (2B, 4, h, w) when `guided` ([unconditional; conditional]), else (B, 4, h, w).
-        conditioning: a `controlkit.conditioning.Conditioning`: prompt embeddings (and SDXL's pooled/size
-            embeddings) in the same batch layout.
-        step, num_steps: position in the schedule, for the start/end windows.
-        guided: classifier-free guidance is on (the batch holds both halves).
-
-    Returns:
-        (down residuals, middle residual) in diffusers' `down_block_additional_residuals` /
-        `mid_block_additional_residual` form, or (None, None) when no control acts at this step.
-    """
-    import torch
-
-    total: list[torch.Tensor] | None = None
-    active = [p for p in controls if p.control.active_at(step, num_steps) and any(p.scales)]
-    for group in _forward_groups(active, guided):
-        half = guided and group[0].control.conditional_side_only
-        sample = model_input.chunk(2)[1] if half else model_input
-        side = conditioning.conditional_half() if half else conditioning
-        down, mid = _group_residuals(group, sample, timestep, side)
-        outputs = [*down, mid]
-        if half:  # the unconditional half gets no control: zeros, as in diffusers' guess mode
-            outputs = [torch.cat([torch.zeros_like(r), r]) for r in outputs]
-        total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
-    if total is None:
-        return None, None
-    return total[:-1], total[-1]
+#: Largest step-reuse interval: past a handful of steps the residuals are those of a far noisier latent.
+MAX_EVERY = 50
 
 
-def _forward_groups(active: Sequence[PreparedControl], guided: bool) -> list[list[PreparedControl]]:
-    """The ControlNet forwards of a step, in the controls' order: one per control, except that controls on the
-    same Union model with the same guidance side and per-layer profile share one (`controlkit.union`)."""
-    from controlkit.union import is_union
-
-    groups: dict[Any, list[PreparedControl]] = {}
-    for index, prepared in enumerate(active):
-        control = prepared.control
-        key: Any = index
-        if is_union(control.controlnet):
-            key = (id(control.controlnet), guided and control.conditional_side_only, tuple(control.layer_profile()))
-        groups.setdefault(key, []).append(prepared)
-    return list(groups.values())
-
-
-def _group_residuals(
-    group: Sequence[PreparedControl], sample: torch.Tensor, timestep: Any, side: Any
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    from controlkit.controlnet_forward import controlnet_residuals
-    from controlkit.union import is_union, union_residuals, union_type_index
-
-    first = group[0]
-    controlnet = first.control.controlnet
-    if not is_union(controlnet):
-        return controlnet_residuals(controlnet, sample, timestep, side.text, first.embedding, first.scales,
-                                    added_cond_kwargs=side.added)
-    conditions = [(p.embedding, union_type_index(p.control.control_type, controlnet), p.control.scale)
-                  for p in group]
-    return union_residuals(controlnet, sample, timestep, side.text, side.added, conditions,
-                           first.control.layer_profile())
+def check_every(every: Any, what: str = "control `every`") -> int | frozenset[int]:
+    """`every` as an int in 1..`MAX_EVERY`, or a schedule of step indices as a frozenset; else ConfigError."""
+    if isinstance(every, numbers.Integral) and not isinstance(every, bool):
+        return check_integer(every, what, 1, MAX_EVERY)
+    if isinstance(every, (str, bytes)) or not isinstance(every, Iterable):
+        raise ConfigError(f"{what} must be an integer in 1..{MAX_EVERY} or a list of step indices, got {every!r}")
+    steps = list(every)
+    for step in steps:
+        check_integer(step, f"{what} steps", 0, 998)
+    return frozenset(steps)
 
 
 def check_control_options(

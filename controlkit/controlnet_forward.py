@@ -47,6 +47,20 @@ def controlnet_residuals(
     Returns:
         (down residuals, middle residual): diffusers' `down_block_res_samples` / `mid_block_res_sample`.
     """
+    outputs = raw_residuals(controlnet, sample, timestep, encoder_hidden_states, embedding, added_cond_kwargs)
+    return _scaled_and_pooled(controlnet, outputs, scales)
+
+
+def raw_residuals(
+    controlnet: ControlNetModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float,
+    encoder_hidden_states: torch.Tensor,
+    embedding: torch.Tensor,
+    added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """The ControlNet's outputs before scales and pooling: the zero convolutions' outputs, skips high to low
+    resolution, then the middle block (arguments as `controlnet_residuals`)."""
     emb = _step_embedding(controlnet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
     hidden = controlnet.conv_in(sample) + embedding
     skips = [hidden]
@@ -64,7 +78,7 @@ def controlnet_residuals(
             hidden = middle(hidden, emb)
     residuals = [conv(skip) for skip, conv in zip(skips, controlnet.controlnet_down_blocks)]
     residuals.append(controlnet.controlnet_mid_block(hidden))
-    return _scaled_and_pooled(controlnet, residuals, scales)
+    return residuals
 
 
 def _step_embedding(

@@ -112,6 +112,7 @@ def generate(
     negative_original_size: tuple[int, int] | None = None,
     negative_crops_coords_top_left: tuple[int, int] | None = None,
     negative_target_size: tuple[int, int] | None = None,
+    compile: bool = False,
 ) -> GenerationResult:
     """Generate images from a prompt with zero or more controls, on the base's device and dtype.
 
@@ -144,6 +145,8 @@ def generate(
             (top, left) of the crop it is said to be (default (0, 0)); integers, sizes 1..16384. SDXL only.
         negative_original_size, negative_crops_coords_top_left, negative_target_size: the same for the
             unconditional side of guidance (default: the positive side's values). SDXL only.
+        compile: run the U-Net and ControlNets compiled (`controlkit.compiled`: torch.compile once per loaded
+            model, then reused; the first call pays the compilation). Equal to eager within float rounding.
 
     Every option is checked (`check_generation_options`) before any model runs or any latent is allocated.
     Nothing passed in is modified (modules, their scheduler, images), and each call has its own scheduler and
@@ -154,6 +157,8 @@ def generate(
     from controlkit.image import load_image
     from controlkit.sampling import denoise, make_scheduler
 
+    if not isinstance(compile, bool):
+        raise ConfigError(f"`compile` must be True or False, got {compile!r}")
     defaults = generation_defaults(base)
     steps = defaults["steps"] if steps is None else steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -200,8 +205,10 @@ def generate(
             for index, (control, image) in enumerate(zip(controls, maps))
         ]
         step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
+        if compile:
+            _use_compiled([p for p in prepared if p is not None], device)
         latents = denoise(
-            unet, pipe.scheduler, latents, timesteps, conditioning, [p for p in prepared if p is not None],
+            _compiled_unet(unet) if compile else unet, pipe.scheduler, latents, timesteps, conditioning, [p for p in prepared if p is not None],
             guidance_scale=guidance_scale, step_kwargs=step_kwargs,
         )
         images = _decode(pipe, latents, output_type, generator)
@@ -213,15 +220,39 @@ def generate(
     }
     if family.pooled:
         settings.update({key: list(value) if value is not None else None for key, value in vars(sizes).items()})
+    if compile:
+        settings["compile"] = True
     return GenerationResult(images, seed, settings)
 
 
-def _pixel_vae(vae: Any, family: BaseFamily) -> Any:
-    """The VAE to encode and decode pixels with: `vae` itself, or a float32 copy of it when it is float16 and the
-    family and its config say it overflows there (made once per VAE and kept while the VAE lives)."""
+def _compiled_unet(unet: Any) -> Any:
+    from controlkit.compiled import compiled_unet
+
+    return compiled_unet(unet)
+
+
+def _use_compiled(prepared: list[PreparedControl], device: Any) -> None:
+    """Give each prepared control its ControlNet's compiled forward and its scales as a tensor (Union: eager)."""
     import torch
 
-    if not (family.upcast_vae and vae.dtype == torch.float16 and vae.config.get("force_upcast", True)):
+    from controlkit.compiled import compiled_controlnet
+    from controlkit.union import is_union
+
+    for item in prepared:
+        if not is_union(item.control.controlnet):
+            item.compiled = compiled_controlnet(item.control.controlnet)
+            item.scale_tensor = torch.tensor(item.scales, dtype=torch.float32, device=device)
+
+
+def _pixel_vae(vae: Any, family: BaseFamily) -> Any:
+    """The VAE to encode and decode pixels with: `vae` itself, or a float32 copy of it (made once per VAE and kept
+    while the VAE lives) when it is float16 and the family and its config say it overflows there, or bfloat16,
+    whose 8-bit mantissa bands smooth gradients in the decoded image (a bfloat16 base speeds up the U-Net and
+    ControlNets; the VAE runs once per image and keeps float32's quality)."""
+    import torch
+
+    overflows = family.upcast_vae and vae.dtype == torch.float16 and vae.config.get("force_upcast", True)
+    if not (overflows or vae.dtype == torch.bfloat16):
         return vae
     versions = tuple(parameter._version for parameter in vae.parameters())
     with _FLOAT32_VAES_LOCK:

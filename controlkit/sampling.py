@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from controlkit.control import PreparedControl, control_residuals
+from controlkit.control import PreparedControl
+from controlkit.residuals import control_residuals
 from controlkit.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -58,6 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--layer-weights", action="append", metavar="NAME=W1,W2,...",
         help="one weight per ControlNet output (13 for SD1.x/SD2.x, 10 for SDXL)"
     )
+    parser.add_argument("--every", action="append", metavar="NAME=K|S1,S2,...",
+                        help="step reuse: run the ControlNet every K-th step of its window (or at these 0-based "
+                        "steps) and reuse its last residuals in between; 1 (every step) when not given")
     parser.add_argument("--control-type", action="append", metavar="NAME=TYPE",
                         help="for a ControlNet-Union: the control's type (openpose, depth, softedge, canny, lineart, "
                         "normal, segment, tile, ...)")
@@ -80,6 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:N, mps); cuda if available, "
                         "else cpu")
     parser.add_argument("--dtype", default=AUTO, choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the U-Net and ControlNets (torch.compile; the first run pays the compilation)")
     sdxl = parser.add_argument_group("SDXL micro-conditioning (diffusers' (height, width) and (top, left) order)")
     for flag, what in MICRO_FLAGS.items():
         sdxl.add_argument(flag, type=int, nargs=2, metavar=("TOP", "LEFT") if "crop" in flag else ("H", "W"),
@@ -135,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         base, args.prompt, controls, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
         width=args.width, height=args.height, resize_mode=args.resize_mode, init_image=init, strength=args.strength,
-        **sizes,
+        compile=args.compile, **sizes,
     )
     record = {**result.settings, "base": str(args.base), "controls": _describe(images, controlnets, controls)}
     written = save_images(result.images, paths, record)
@@ -194,6 +199,7 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
     for flag, key, convert in (
         ("--scale", "scale", float), ("--mode", "mode", str), ("--start", "start", float), ("--end", "end", float),
         ("--layer-weights", "layer_weights", _weights), ("--control-type", "control_type", str),
+        ("--every", "every", _every),
     ):
         for name, text in parse_named(getattr(args, key), flag).items():
             if name not in images:
@@ -203,16 +209,23 @@ def _named_options(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
                 options.setdefault(name, {})[key] = convert(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{flag} {name}={text}: not a valid value") from None
-    from controlkit.control import OPTION_DEFAULTS, check_control_options
+    from controlkit.control import OPTION_DEFAULTS, check_control_options, check_every
 
     for name in images:  # every control's options in range before any model loads
         given = {key: value for key, value in options.get(name, {}).items() if key in OPTION_DEFAULTS}
         check_control_options(**{**OPTION_DEFAULTS, **given}, prefix=f"control {name}: ")
+        if "every" in options.get(name, {}):
+            check_every(options[name]["every"], f"control {name}: --every")
     return images, controlnets, options
 
 
 def _weights(text: str) -> list[float]:
     return [float(item) for item in text.split(",")]
+
+
+def _every(text: str) -> int | list[int]:
+    """"3" -> 3 (every third step); "0,4,8" -> [0, 4, 8] (those steps); checked with the other options."""
+    return [int(item) for item in text.split(",")] if "," in text else int(text)
 
 
 def _load_control(name: str, source: str, photo: Any, options: dict[str, Any], unet: Any, preprocess: bool,
@@ -248,6 +261,8 @@ def _describe(images: dict[str, str], controlnets: dict[str, str], controls: lis
     return [
         {"name": name, "image": images[name], "controlnet": controlnets[name], "scale": control.scale,
          "mode": control.mode, "start": control.start, "end": control.end,
-         **({"control_type": control.control_type} if control.control_type else {})}
+         **({"control_type": control.control_type} if control.control_type else {}),
+         **({"every": control.every if isinstance(control.every, int) else sorted(control.every)}
+            if control.every != 1 else {})}
         for name, control in zip(images, controls)
     ]
