@@ -19,7 +19,7 @@ What `controlkit demo` runs (`run_demo`) and what the tests measure (one impleme
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,9 +124,12 @@ def demo_cases(condition: str, count: int, annotate: Callable[[Any], Any] | None
 
 def run_condition(base: Any, condition: str, count: int, *, steps: int = DEMO_STEPS,
                   guidance: float = DEMO_GUIDANCE, seed: int = 0, controlnet: Any = None,
-                  metadata: Any = None) -> ConditionRun:
+                  metadata: Any = None, generate_options: Mapping[str, Any] | None = None,
+                  control_options: Mapping[str, Any] | None = None) -> ConditionRun:
     """Generate `count` held-out cases with the ControlNet of `condition` (default: the demo's) and with control
-    off, and score both (case i uses generation seed `seed + i` in both runs)."""
+    off, and score both (case i uses generation seed `seed + i` in both runs). `generate_options` (e.g.
+    compile=True) go to every `generate` call and `control_options` (e.g. every=2) to the control: the speed
+    benchmark measures what each speed-up costs in control."""
     from controlkit.control import Control
     from controlkit.demo.models import load_demo_controlnet
     from training.metrics import controllability
@@ -138,9 +141,10 @@ def run_condition(base: Any, condition: str, count: int, *, steps: int = DEMO_ST
     cases = demo_cases(condition, count, annotate)
     controlled, uncontrolled = [], []
     for index, case in enumerate(cases):
-        controls = [Control(case.condition_map, controlnet)]
-        controlled.append(_generate(base, case.prompt, controls, steps, guidance, seed + index))
-        uncontrolled.append(_generate(base, case.prompt, [], steps, guidance, seed + index))
+        controls = [Control(case.condition_map, controlnet, **(control_options or {}))]
+        options = dict(generate_options or {})
+        controlled.append(_generate(base, case.prompt, controls, steps, guidance, seed + index, options))
+        uncontrolled.append(_generate(base, case.prompt, [], steps, guidance, seed + index, options))
     references = [case.reference for case in cases]
     with_control = _quietly(lambda: controllability(condition, controlled, references, preprocessor=annotate))
     without_control = _quietly(lambda: controllability(condition, uncontrolled, references, preprocessor=annotate))
@@ -148,11 +152,12 @@ def run_condition(base: Any, condition: str, count: int, *, steps: int = DEMO_ST
                         time.perf_counter() - start)
 
 
-def _generate(base: Any, prompt: str, controls: list[Any], steps: int, guidance: float, seed: int) -> np.ndarray:
+def _generate(base: Any, prompt: str, controls: list[Any], steps: int, guidance: float, seed: int,
+              options: Mapping[str, Any] | None = None) -> np.ndarray:
     from controlkit.pipeline import generate
 
     result = generate(base, prompt, controls, steps=steps, guidance_scale=guidance, seed=seed, width=64, height=64,
-                      output_type="np")
+                      output_type="np", **(options or {}))
     return (np.clip(result.images[0], 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
