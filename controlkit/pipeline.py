@@ -24,7 +24,7 @@ import secrets
 import threading
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,6 +113,7 @@ def generate(
     negative_crops_coords_top_left: tuple[int, int] | None = None,
     negative_target_size: tuple[int, int] | None = None,
     compile: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Generate images from a prompt with zero or more controls, on the base's device and dtype.
 
@@ -147,6 +148,8 @@ def generate(
             unconditional side of guidance (default: the positive side's values). SDXL only.
         compile: run the U-Net and ControlNets compiled (`controlkit.compiled`: torch.compile once per loaded
             model, then reused; the first call pays the compilation). Equal to eager within float rounding.
+        on_step: called as on_step(steps done, steps in all) after each denoising step, on the calling thread
+            (a progress bar); img2img counts the steps it runs.
 
     Every option is checked (`check_generation_options`) before any model runs or any latent is allocated.
     Nothing passed in is modified (modules, their scheduler, images), and each call has its own scheduler and
@@ -209,7 +212,7 @@ def generate(
             _use_compiled([p for p in prepared if p is not None], device)
         latents = denoise(
             _compiled_unet(unet) if compile else unet, pipe.scheduler, latents, timesteps, conditioning, [p for p in prepared if p is not None],
-            guidance_scale=guidance_scale, step_kwargs=step_kwargs,
+            guidance_scale=guidance_scale, step_kwargs=step_kwargs, on_step=on_step,
         )
         images = _decode(pipe, latents, output_type, generator)
     settings = {

@@ -8,7 +8,7 @@ diffusers' own code, called from `controlkit.pipeline`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from controlkit.control import PreparedControl
@@ -67,6 +67,7 @@ def denoise(
     *,
     guidance_scale: float,
     step_kwargs: dict[str, Any],
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run the denoising steps and return the final latents.
 
@@ -77,6 +78,7 @@ def denoise(
             (B, 77, D), and SDXL's pooled/size embeddings in the same layout (`controlkit.conditioning`).
         controls: prepared controls (their residuals are summed into the U-Net's skips).
         step_kwargs: extra `scheduler.step` arguments (eta, generator) from diffusers' `prepare_extra_step_kwargs`.
+        on_step: called as on_step(steps done, steps in all) after each step (a progress bar).
     """
     import torch
 
@@ -100,4 +102,6 @@ def denoise(
             noise = unconditional + guidance_scale * (conditional - unconditional)
         # 5. one scheduler step x_t -> x_{t-1}
         latents = scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
+        if on_step is not None:
+            on_step(step + 1, len(timesteps))
     return latents

@@ -80,7 +80,8 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
-@pytest.mark.parametrize("package", ["controlkit", "preprocessors", "training", "controlkit.cli", "controlkit.demo"])
+@pytest.mark.parametrize("package", ["controlkit", "preprocessors", "training", "controlkit.cli", "controlkit.demo",
+                                     "controlkit.ui"])
 def test_importing_a_package_loads_nothing_heavy(package):
     code = (
         f"import sys, {package}; "

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from controlkit.errors import ConfigError, ImageError
-from controlkit.ui.models import ServedModels, on_steps
+from controlkit.ui.models import ServedModels
 from controlkit.ui.preprocessing import NONE, Preprocessors
 
 #: How the library's messages name each option: by the page's labels.
@@ -103,13 +103,9 @@ def run_generation(request: GenerationRequest, models: ServedModels, preprocesso
     folder.mkdir(parents=True, exist_ok=True)
     map_files = [_save_map(condition, unit, folder) for condition, unit in maps]
     started = time.perf_counter()
-    on_steps(_step_counter(steps, progress))
-    try:
-        result = generate(models.base, request.prompt, controls, negative_prompt=request.negative_prompt or None,
-                          steps=steps, guidance_scale=request.guidance, seed=seed, scheduler=request.scheduler,
-                          num_images=request.num_images, width=width, height=height)
-    finally:
-        on_steps(None)
+    result = generate(models.base, request.prompt, controls, negative_prompt=request.negative_prompt or None,
+                      steps=steps, guidance_scale=request.guidance, seed=seed, scheduler=request.scheduler,
+                      num_images=request.num_images, width=width, height=height, on_step=progress)
     record = {**result.settings, "base": models.base_source, "controls": described}
     stem = f"controlkit-{result.seed}"
     paths = [folder / f"{stem}.png"] if request.num_images == 1 else \
@@ -161,18 +157,6 @@ def _save_map(condition: Any, unit: UnitRequest, folder: Path) -> tuple[Path, st
     path = folder / f"control-{unit.index}-{unit.preprocessor}.png"
     to_pil(condition).save(path, format="PNG")
     return path, f"Control {unit.index} map ({unit.preprocessor}, {unit.controlnet})"
-
-
-def _step_counter(total: int, progress: Callable[[int, int], None] | None) -> Callable[[], None] | None:
-    if progress is None:
-        return None
-    done = [0]
-
-    def step() -> None:
-        done[0] += 1
-        progress(min(done[0], total), total)
-
-    return step
 
 
 def _summary(settings: dict[str, Any], seconds: float, note: str | None) -> str:

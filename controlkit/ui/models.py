@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,6 @@ from controlkit.weights import DEMO_CONTROLNETS, DEMO_NAME
 #: Single files a models folder may hold as ControlNets (a single-file base is named with --base).
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".bin")
 
-#: The step callback of the generation running on this thread (see `ServedModels.watch_steps`).
-_STEPS = threading.local()
 
 
 @dataclass
@@ -68,23 +66,6 @@ class ServedModels:
         width, height = native_size(self.base)
         return {**generation_defaults(self.base), "width": width, "height": height}
 
-    def watch_steps(self) -> None:
-        """Report each U-Net call of a generation to the step callback its thread set (`on_steps`): generate's
-        loop calls the U-Net once per denoising step, both guidance halves in one batch. The hook only reads,
-        and a thread sees only its own generation's steps, so concurrent users each get their own count."""
-        self.base.unet.register_forward_hook(_report_step)
-
-
-def on_steps(callback: Callable[[], None] | None) -> None:
-    """Set (None: clear) the callback called after each denoising step of generations on this thread."""
-    _STEPS.callback = callback
-
-
-def _report_step(module: Any, args: Any, output: Any) -> None:
-    callback = getattr(_STEPS, "callback", None)
-    if callback is not None:
-        callback()
-
 
 def load_models(
     base: str | None = None,
@@ -116,7 +97,6 @@ def load_models(
     quiet_loading()
     pipeline = load_base(base, torch_dtype=chosen_dtype, device=chosen_device, config=base_config)
     served = ServedModels(pipeline, str(base), dict(sources))
-    served.watch_steps()
     return served
 
 
