@@ -286,3 +286,13 @@ def test_a_device_that_is_not_here_is_refused_before_loading(saved_base):
         load_base(saved_base, device="cuda")
     with pytest.raises(ConfigError, match="device 'gpu0': not a device name; use cpu, cuda, cuda:N or mps"):
         load_base(saved_base, device="gpu0")
+
+
+def test_on_step_reports_each_denoising_step_and_changes_nothing(base, controlnet):
+    seen = []
+    reported = run(base, [Control(edge_map(), controlnet)], on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    np.testing.assert_array_equal(reported, run(base, [Control(edge_map(), controlnet)]))
+    seen.clear()
+    run(base, init_image=edge_map(), strength=0.5, steps=4, on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 2), (2, 2)]  # img2img runs the last `strength` of the steps
