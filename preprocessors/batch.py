@@ -11,42 +11,32 @@ The same engine serves the Python API (`annotate_paths`), `controlkit annotate` 
 - One bad input never stops the others: an unreadable image, a missing input path or a worker killed while on a
   file (the out-of-memory killer) is that input's one-line failure; the rest is written.
 - Maps that are empty because the detector found nothing (pose: no person) are written and listed in `empty`.
+
+Two engines run the same jobs with the same rules and give the same maps: "local" (worker processes on this
+machine, preprocessors/workers.py) and "ray" (a Ray Data pipeline on a local or joined Ray cluster,
+preprocessors/ray_engine.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlkit.errors import ControlkitError, OutputError, first_line
-from controlkit.files import atomic_path, check_output_folder, remove_stale_temporaries, write_bytes_atomic
+from controlkit.errors import ControlkitError
+from controlkit.files import check_output_folder, remove_stale_temporaries
 from controlkit.image import is_image_file
-from preprocessors.base import EmptyMapWarning
+from preprocessors.jobs import Job, Outcome, annotate_job, worker_annotator, worker_threads
 from preprocessors.workers import Failure, run_in_processes
 
-
-@dataclass(frozen=True)
-class Job:
-    """One input file and the map (and optional keypoints JSON) it becomes."""
-
-    source: Path
-    output: Path
-    keypoints: Path | None = None
+__all__ = ["ENGINES", "AnnotateReport", "Job", "Outcome", "annotate_job", "annotate_paths", "check_engine",
+           "image_files", "plan_annotation", "plan_jobs", "progress_bar", "worker_annotator", "worker_threads"]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What annotating one job gave: `error` (one line) or None when the map was written; `output_error` when
-    the map could not be written; `empty`, why a written map is empty (e.g. 'no person found (black map)')."""
-
-    error: str | None = None
-    output_error: bool = False
-    empty: str | None = None
+#: Engines that run the jobs: worker processes here, or a Ray Data pipeline (`pip install controlkit[ray]`).
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -127,6 +117,9 @@ def annotate_paths(
     overwrite: bool = False,
     keypoints: bool = False,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> AnnotateReport:
     """Annotate files and folders with one registry preprocessor.
 
@@ -139,6 +132,11 @@ def annotate_paths(
         overwrite: recompute maps that already exist (default: skip them, which resumes a stopped run).
         keypoints: also write OpenPose JSON next to each map (preprocessors with a `keypoints` method).
         progress: wraps the stream of finished jobs: `progress_bar`, or e.g. `lambda it, n: tqdm(it, total=n)`.
+        engine: "local" (worker processes here) or "ray" (a Ray Data pipeline, one preprocessor per actor;
+            `workers` actors).
+        address: the Ray cluster to join ("auto": the one running here; None: use the one this process
+            already joined, else start a local Ray that stops with the call). Ray engine only.
+        gpus_per_worker: GPUs each Ray actor reserves (fractions share a GPU); its preprocessor runs on CUDA.
 
     Returns:
         An `AnnotateReport`; a bad or missing input is recorded in `failed` and the others are still written.
@@ -151,6 +149,7 @@ def annotate_paths(
     from preprocessors.registry import get_preprocessor
 
     params = dict(params or {})
+    check_engine(engine, address, gpus_per_worker)
     annotator = get_preprocessor(preprocessor, **params)  # validates the name and parameters up front
     if keypoints and not hasattr(annotator, "keypoints"):
         raise ControlkitError(f"--json needs keypoints, which preprocessor '{preprocessor}' does not produce")
@@ -163,11 +162,19 @@ def annotate_paths(
         (report.skipped.append(job.output) if done and not overwrite else jobs.append(job))
     outcomes: dict[int, Any] = {}
     stopped: list[str] = []  # the first map that could not be written: no new job starts after it
-    results = _run(jobs, preprocessor, params, annotator, workers, stop=lambda: bool(stopped))
+    if engine == "ray":
+        from preprocessors.ray_engine import annotate_on_ray
+
+        results = annotate_on_ray(jobs, preprocessor, params, workers=workers, address=address,
+                                  gpus_per_worker=gpus_per_worker, stop=lambda: bool(stopped))
+    else:
+        results = _run(jobs, preprocessor, params, annotator, workers, stop=lambda: bool(stopped))
     for index, outcome in progress(results, len(jobs)) if progress else results:
         outcomes[index] = outcome
         if isinstance(outcome, Outcome) and outcome.output_error and not stopped:
             stopped.append(outcome.error)
+    if engine == "ray":  # what killed (and retried) Ray workers left: their process ids are gone now
+        remove_stale_temporaries(output_dir)
     for index, job in enumerate(jobs):
         if index in outcomes:
             _record(report, job, outcomes[index])
@@ -175,6 +182,21 @@ def annotate_paths(
             report.not_started.append(job.source)
     report.stopped = stopped[0] if stopped else None
     return report
+
+
+def check_engine(engine: str, address: str | None, gpus_per_worker: float) -> None:
+    """Refuse engine options that do not go together, before any work.
+
+    Raises:
+        ControlkitError: an unknown engine, or --address / --gpus-per-worker without the Ray engine.
+    """
+    if engine not in ENGINES:
+        raise ControlkitError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "ray" and (address is not None or gpus_per_worker):
+        raise ControlkitError("--address and --gpus-per-worker need --engine ray (the local engine runs worker "
+                              "processes on this machine)")
+    if not gpus_per_worker >= 0:
+        raise ControlkitError(f"--gpus-per-worker must be 0 or positive, got {gpus_per_worker}")
 
 
 def progress_bar(results: Iterable[Any], total: int) -> Iterable[Any]:
@@ -265,75 +287,22 @@ def _run(jobs: list[Job], name: str, params: dict[str, Any], annotator: Any, wor
         for index, job in enumerate(jobs):
             if stop():
                 return
-            yield index, _annotate_job(annotator, job)
+            yield index, annotate_job(annotator, job)
         return
-    threads = max(1, (os.cpu_count() or 1) // workers)
     yield from run_in_processes(_worker_annotate, jobs, workers=workers, initializer=_init_worker,
-                                initargs=(name, params, threads), stop=stop)
+                                initargs=(name, params, worker_threads(workers)), stop=stop)
 
 
 _WORKER_ANNOTATOR: Any = None
 
 
 def _init_worker(name: str, params: dict[str, Any], threads: int) -> None:
-    """Build the preprocessor once per worker, with `threads` math threads so workers do not oversubscribe.
-
-    The thread count goes into the environment before anything heavy is imported, so classical preprocessors
-    never pay for importing torch.
-    """
     global _WORKER_ANNOTATOR
-    import sys
-
-    import cv2
-
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    cv2.setNumThreads(threads)
-    from preprocessors.registry import get_preprocessor
-
-    _WORKER_ANNOTATOR = get_preprocessor(name, **params)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+    _WORKER_ANNOTATOR = worker_annotator(name, params, threads)
 
 
 def _worker_annotate(job: Job) -> Outcome:
-    return _annotate_job(_WORKER_ANNOTATOR, job)
-
-
-def _annotate_job(annotator: Any, job: Job) -> Outcome:
-    """Annotate one job and write its map (and keypoints); never raises for a bad input or a failed write."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", EmptyMapWarning)
-        outcome = _annotate(annotator, job)
-    empty = None
-    for warning in caught:
-        if isinstance(warning.message, EmptyMapWarning):
-            empty = warning.message.reason
-        else:  # not ours to judge: shown as it would have been
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return outcome if outcome is not None else Outcome(empty=empty)
-
-
-def _annotate(annotator: Any, job: Job) -> Outcome | None:
-    try:
-        condition = annotator(job.source)
-        if job.keypoints is not None:
-            write_bytes_atomic(job.keypoints, json.dumps(annotator.keypoints(job.source)).encode())
-        with atomic_path(job.output) as temporary:
-            condition.save(temporary, format="PNG")
-    except OutputError as error:
-        return Outcome(error=str(error), output_error=True)
-    except ControlkitError as error:
-        return Outcome(error=_naming(job.source, str(error)))
-    except MemoryError:
-        return Outcome(error=f"{job.source}: not enough memory to annotate it")
-    except Exception as error:  # a detector's own failure on this input: the others go on
-        return Outcome(error=f"{job.source}: the preprocessor failed on it ({type(error).__name__}: "
-                             f"{first_line(error)})")
-    return None
-
-
-def _naming(source: Path, message: str) -> str:
-    return message if str(source) in message else f"{source}: {message}"
+    return annotate_job(_WORKER_ANNOTATOR, job)
 
 
 def _suffixes() -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "diffusers", "transformers", "cv2", "mediapipe", "accelerate", "skimage", "h5py", "gradio", "ray")
+HEAVY = ("torch", "diffusers", "transformers", "cv2", "mediapipe", "accelerate", "skimage", "h5py", "gradio", "ray", "webdataset")
 
 #: Folder (or the one entry-point file) -> (floor, name). A file belongs to the longest entry that holds it. A
 #: module may import modules of its own floor or of floors below; a face (floor 5) is imported only by itself.

@@ -56,13 +56,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = option("", "pairs: JSONL manifest, prompt.json, folder layout or saved HF dataset")
+    source: str = option("", "pairs: JSONL manifest, prompt.json, folder layout, saved HF dataset, or WebDataset "
+                         "shards (shards.json, a folder of .tar, a brace pattern; local or s3://, hf://, ...)")
     image_column: str = option("image", "HF dataset column of the target images")
     conditioning_column: str = option("conditioning_image", "HF dataset column of the condition maps")
     caption_column: str = option("text", "HF dataset column of the captions")
     max_samples: int = option(0, "use only the first N pairs (0: all)")
     resolution: int = option(512, "training side in pixels (short side resized, then cropped)")
     center_crop: bool = option(True, "centre crop (true) or random crop (false, no latent caching)")
+    buckets: bool = option(False, "aspect-ratio buckets of about resolution^2 pixels, sides multiples of 64, one "
+                           "bucket per step (no latent caching; indexed sources)")
+    shuffle_buffer: int = option(256, "shards: samples each reader shuffles among (0: the shards' own order)")
     preprocessor: str = option("", "preprocessor computing condition maps for pairs without one")
     preprocessor_params: dict = option({}, "parameters of that preprocessor, e.g. {low_threshold = 100}")
     randomize: dict = option({}, "parameters drawn per sample, e.g. {low_threshold = [50, 150]}")

@@ -37,6 +37,10 @@ MAX_WORKERS = 128
 MAX_TIMEOUT_MINUTES = 7 * 24 * 60
 #: diffusers' schedulers offer at most their `num_train_timesteps` (1000 for Stable Diffusion) sampling steps.
 MAX_INFERENCE_STEPS = 1000
+#: Largest shuffle buffer of a shard reader (samples held in memory per reader).
+MAX_SHUFFLE_BUFFER = 1_000_000
+#: Bucket sides are multiples of this (training/data/buckets.py).
+BUCKET_STEP = 64
 #: Most validation pairs generated at each validation.
 MAX_VALIDATION_COUNT = 1000
 #: The end learning rate of diffusers' polynomial schedule, which must stay below the peak.
@@ -127,6 +131,16 @@ def _data_rules(config: TrainConfig, need: Need) -> None:
     need(data.on_bad_pair in ("skip", "fail"), "data.on_bad_pair", "must be 'skip' or 'fail'")
     need(_number(data.proportion_empty_prompts, 0.0, 1.0), "data.proportion_empty_prompts", "must be in [0, 1]")
     need(_count(data.num_workers, 0, MAX_WORKERS), "data.num_workers", f"must be in [0, {MAX_WORKERS}]")
+    need(_count(data.shuffle_buffer, 0, MAX_SHUFFLE_BUFFER), "data.shuffle_buffer",
+         f"must be in [0, {MAX_SHUFFLE_BUFFER}]")
+    shards = bool(data.source.strip()) and _shard_source(data.source)
+    if data.buckets:
+        need(data.resolution % BUCKET_STEP == 0, "data.resolution",
+             f"must be a multiple of {BUCKET_STEP} with data.buckets (bucket sides are)")
+        need(not shards, "data.buckets", "needs an indexed source (manifest, folder, HF dataset): shards stream "
+             "without a bucket per step; set data.buckets=false")
+    need(config.model.kind != "vae" or not (shards or data.buckets), "model.kind",
+         "'vae' reads indexed sources without buckets (no shards, data.buckets=false)")
     need(not data.preprocessor or _known_preprocessor(data.preprocessor), "data.preprocessor",
          "must be a registry preprocessor (see `controlkit preprocessors`)")
     known = _preprocessor_parameters(data.preprocessor)
@@ -199,6 +213,12 @@ def _is_range(value: Any) -> bool:
                 for bound in value)
         and value[0] <= value[1]
     )
+
+
+def _shard_source(source: str) -> bool:
+    from training.data.shards import is_shard_source
+
+    return is_shard_source(source)
 
 
 def _known_preprocessor(name: str) -> bool:

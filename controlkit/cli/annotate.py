@@ -16,6 +16,9 @@ EPILOG = """examples:
   controlkit annotate photo.jpg -p canny -o maps/
   controlkit annotate photos/ -p softedge --set safe=true --workers 2 -o maps/softedge
   controlkit annotate people/ -p pose --json -o poses/      # also writes OpenPose JSON keypoints
+  controlkit annotate photos/ -p canny --engine ray --workers 2 -o maps/            # a local Ray
+  controlkit annotate /shared/photos -p depth --engine ray --address auto --workers 16 --gpus-per-worker 0.5 \
+      -o /shared/maps                                       # a running Ray cluster; paths on shared storage
 """
 
 
@@ -39,10 +42,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--set", action="append", metavar="KEY=VALUE", dest="params", help="preprocessor parameter (repeatable)"
     )
     parser.add_argument("--json", action="store_true", help="also write OpenPose JSON keypoints (pose)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    add_engine_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="recompute maps that already exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """--workers, --engine, --address, --gpus-per-worker (annotate and dataset build)."""
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (Ray engine: actors)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: worker processes here; ray: a Ray Data pipeline (pip install controlkit[ray])")
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="Ray engine: the cluster to join ('auto': the one running here); default: a local "
+                        "Ray that starts and stops with the command")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                        help="Ray engine: GPUs each actor reserves (0.5: two actors share a GPU)")
+
+
+def engine_arguments(args: argparse.Namespace) -> dict:
+    """The engine keyword arguments of `annotate_paths` / `build_dataset`, checked (usage errors; --workers is
+    checked by each command)."""
+    if args.engine != "ray" and (args.address is not None or args.gpus_per_worker):
+        raise argparse.ArgumentTypeError("--address and --gpus-per-worker need --engine ray")
+    if not args.gpus_per_worker >= 0:
+        raise argparse.ArgumentTypeError(f"--gpus-per-worker must be 0 or positive, got {args.gpus_per_worker}")
+    return {"workers": args.workers, "engine": args.engine, "address": args.address,
+            "gpus_per_worker": args.gpus_per_worker}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise argparse.ArgumentTypeError(f"--workers must be at least 1, got {args.workers}")
+    engine = engine_arguments(args)
     params = parse_assignments(args.params, "--set")
     try:
         report = annotate_paths(
-            args.inputs, args.preprocessor, args.output, params=params, workers=args.workers,
-            overwrite=args.overwrite, keypoints=args.json, progress=None if args.quiet else progress_bar,
+            args.inputs, args.preprocessor, args.output, params=params, overwrite=args.overwrite,
+            keypoints=args.json, progress=None if args.quiet else progress_bar, **engine,
         )
     except ControlkitError:
         raise

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controlkit.cli.annotate import add_engine_options, engine_arguments
 from controlkit.cli.common import HelpFormatter, parse_assignments
 from controlkit.errors import ControlkitError
 
@@ -20,12 +21,16 @@ EPILOG = """formats SOURCE may be:
   a folder layout         images/<stem>.png, conditions/<stem>.png, images/<stem>.txt (or captions.jsonl)
   a flat folder           photo.jpg + photo.txt (conditions computed with -p)
   a Hugging Face dataset  saved with save_to_disk; columns image, conditioning_image, text
+  WebDataset shards       shards.json, a folder of .tar, pairs-{000000..000009}.tar; local or s3://, hf://, ...
 
 examples:
   controlkit dataset check fill50k/prompt.json
   controlkit dataset check photos/ -p canny --json > report.json
   controlkit dataset build photos/ -p canny -o pairs/ --caption-from txt
   controlkit dataset build people/ -p pose -o pose-pairs/ --caption-from filename --workers 2
+  controlkit dataset build photos/ -p canny -o shards/ --format webdataset --shard-size 1000 --engine ray
+  controlkit dataset build laion/{00000..00099}.tar -p canny -o canny-shards/ --format webdataset
+  controlkit dataset check shards/shards.json
 """
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,9 +66,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "with image paths relative to OUT. Existing maps are kept (the run resumes) unless --overwrite. A pair "
         "without a caption is unusable (dataset check reports it, training skips it): images without one are "
         "listed, and a folder where no image has one is refused before any work. OUT is checked first: not a file, "
-        "writable, outside IMAGES_DIR.",
+        "writable, outside IMAGES_DIR. --format webdataset writes tar shards (image, condition.png, txt, json per "
+        "sample) and OUT/shards.json instead; IMAGES_DIR may then also be shards (e.g. img2dataset's), annotated "
+        "shard by shard; finished shards are kept on a re-run.",
     )
-    build.add_argument("images", metavar="IMAGES_DIR", help="folder of images")
+    build.add_argument("images", metavar="IMAGES_DIR", help="folder of images (or, with --format webdataset, shards)")
     build.add_argument("-p", "--preprocessor", required=True, help="registry name (see `controlkit preprocessors`)")
     build.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     build.add_argument(
@@ -73,8 +80,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--caption-from", choices=CAPTION_SOURCES, default="txt",
         help="captions from same-stem .txt files, or from file names (underscores and dashes become spaces)",
     )
-    build.add_argument("--workers", type=int, default=1, help="worker processes")
-    build.add_argument("--overwrite", action="store_true", help="recompute maps that already exist")
+    add_engine_options(build)
+    build.add_argument("--format", choices=("folder", "webdataset"), default="folder",
+                       help="folder: OUT/conditions + manifest.jsonl; webdataset: tar shards + OUT/shards.json")
+    build.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (webdataset)")
+    build.add_argument("--overwrite", action="store_true", help="recompute maps (or shards) that already exist")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(run=run_build)
 
@@ -131,7 +141,10 @@ def run_build(args: argparse.Namespace) -> int:
     from training.data.building import build_dataset
 
     _check_workers(args.workers)
+    engine = engine_arguments(args)
     _check_preprocessor_name(args.preprocessor)
+    if args.format == "webdataset":
+        return _build_shards(args, engine)
     if not Path(args.images).is_dir():
         raise argparse.ArgumentTypeError(f"IMAGES_DIR must be a folder, got {Path(args.images)}")
     if Path(args.output).resolve().is_relative_to(Path(args.images).resolve()):
@@ -141,7 +154,7 @@ def run_build(args: argparse.Namespace) -> int:
     try:
         built = build_dataset(
             args.images, args.preprocessor, args.output, params=parse_assignments(args.params, "--set"),
-            workers=args.workers, overwrite=args.overwrite, caption_from=args.caption_from, progress=not args.quiet,
+            overwrite=args.overwrite, caption_from=args.caption_from, progress=not args.quiet, **engine,
         )
     except ControlkitError:  # the data's problem (e.g. no captions), not the command line's: exit status 1
         raise
@@ -163,6 +176,36 @@ def run_build(args: argparse.Namespace) -> int:
            "they have one: add the captions and run build again)" if uncaptioned else "")
     )
     return 0 if built.ok else 1
+
+
+def _build_shards(args: argparse.Namespace, engine: dict) -> int:
+    from controlkit.errors import preview
+    from training.data.shard_writer import build_shards
+
+    if args.shard_size < 1:
+        raise argparse.ArgumentTypeError(f"--shard-size must be at least 1, got {args.shard_size}")
+    try:
+        report = build_shards(args.images, args.preprocessor, args.output,
+                              params=parse_assignments(args.params, "--set"), shard_size=args.shard_size,
+                              caption_from=args.caption_from, overwrite=args.overwrite, progress=not args.quiet,
+                              **engine)
+    except ControlkitError:
+        raise
+    except (ValueError, TypeError) as error:  # an unknown preprocessor parameter: a usage error
+        raise argparse.ArgumentTypeError(str(error)) from None
+    for _, reason in report.failed:
+        print(f"failed: {reason}", file=sys.stderr)
+    for name in report.uncaptioned[:10]:
+        print(f"no caption: {name}", file=sys.stderr)
+    if report.stopped:
+        print(f"stopped: {report.stopped}; {len(report.not_started)} shard(s) not written: fix the output and run "
+              "the same command again to resume", file=sys.stderr)
+    empty = f" ({len(report.empty)} with empty maps: {preview([name for name, _ in report.empty])})" \
+        if report.empty else ""
+    print(f"{args.preprocessor}: {len(report.written)} shards written, {len(report.skipped)} already there, "
+          f"{len(report.failed)} failed{empty}; {report.index}: {report.samples} samples"
+          + (f", {len(report.uncaptioned)} without caption" if report.uncaptioned else ""))
+    return 0 if report.ok else 1
 
 
 def _check_workers(workers: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from controlkit.errors import ConfigError
 
@@ -82,7 +83,23 @@ class StepSampler:
             self._orders = {epoch: tuple(self.indices[i] for i in permutation)}  # one epoch at a time
         return self._orders[epoch]
 
-    def state(self, step: int) -> dict[str, int]:
+    def step_size(self, step: int) -> tuple[int, int] | None:
+        """(width, height) the samples of step `step` are cropped to; None: the square of `data.resolution`."""
+        return None
+
+    def resume_changes(self, saved: dict[str, Any]) -> list[str]:
+        """What differs between the data a checkpoint was taken on (its `state`) and this sampler's."""
+        current = self.state(0)
+        changes = []
+        if saved.get("kind") != current.get("kind"):
+            changes.append(f"data: {saved.get('kind') or 'pairs'} -> {current.get('kind') or 'pairs'}")
+        elif saved.get("usable_pairs") != current["usable_pairs"]:
+            changes.append(f"usable pairs: {saved.get('usable_pairs')} -> {current['usable_pairs']}")
+        elif saved.get("buckets") != current.get("buckets"):
+            changes.append(f"data buckets: {saved.get('buckets')} -> {current.get('buckets')}")
+        return changes
+
+    def state(self, step: int) -> dict[str, Any]:
         """The data position after `step` optimizer steps (saved with checkpoints, checked on resume)."""
         return {
             "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,

@@ -7,7 +7,9 @@
 
 The maps go to OUT/conditions/ with the images' relative layout (preprocessors.batch: resumable, in worker
 processes); OUT/manifest.jsonl gets one record per image whose map exists, {"image", "condition", "prompt"}
-with paths relative to OUT, which `training.data.dataset.load_pairs(OUT)` reads.
+with paths relative to OUT, which `training.data.dataset.load_pairs(OUT)` reads. `engine="ray"` runs the
+annotation as a Ray Data pipeline (preprocessors/ray_engine.py): the same maps. WebDataset shards instead of a
+folder: training/data/shard_writer.py (`controlkit dataset build --format webdataset`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def build_dataset(
     overwrite: bool = False,
     caption_from: str = "txt",
     progress: bool = False,
+    engine: str = "local",
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> BuildReport:
     """Annotate `images_dir` (searched recursively) into `output`/conditions and write `output`/manifest.jsonl.
 
@@ -76,6 +81,7 @@ def build_dataset(
         overwrite: recompute maps that already exist (default: keep them, so a re-run resumes).
         caption_from: "txt" (same-stem .txt files, stripped) or "filename" (underscores and dashes as spaces).
         progress: show a progress bar on stderr.
+        engine, address, gpus_per_worker: where the maps are computed (`preprocessors.batch.annotate_paths`).
 
     The captions follow the rule `controlkit dataset check` and training apply: a pair without one is unusable.
     So a build in which no image has a caption is refused before any work; images without one are listed in
@@ -114,7 +120,8 @@ def build_dataset(
     check_output_folder(output, "output")
     report = annotate_paths(
         [images], preprocessor, conditions, params=params, workers=workers, overwrite=overwrite,
-        keypoints=keypoints, progress=progress_bar if progress else None,
+        keypoints=keypoints, progress=progress_bar if progress else None, engine=engine, address=address,
+        gpus_per_worker=gpus_per_worker,
     )
     # no record without its map: inputs that failed, and those a stopped run never started
     failed = {Path(source) for source, _ in report.failed} | {Path(source) for source in report.not_started}

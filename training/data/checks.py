@@ -76,42 +76,58 @@ def check_pairs(
     """Check every pair by decoding its files (`check_pair`), and report every bad one.
 
     Args:
-        pairs: from `load_pairs`.
+        pairs: from `load_pairs` (a list, or shards read as they stream: each pair is read once, and at most
+            `WINDOW` per worker are held at a time).
         conditions_computed: a preprocessor will compute missing maps, so a pair without one is fine.
         workers: processes decoding images (1: in this process); results keep the input order either way.
         progress: show a progress bar on stderr (for `PROGRESS_MIN_PAIRS` pairs or more).
     """
-    checks = _check_all(pairs, conditions_computed, workers, progress=progress)
-    bad = [(pair.key, check.problems) for pair, check in zip(pairs, checks) if check.problems]
-    warned = [(pair.key, check.warnings) for pair, check in zip(pairs, checks) if check.warnings]
+    checked = _check_all(pairs, conditions_computed, workers, progress=progress)
+    bad = [(key, check.problems) for key, check in checked if check.problems]
+    warned = [(key, check.warnings) for key, check in checked if check.warnings]
     counts = Counter(problem_category(problem) for _, found in bad for problem in found)
-    return CheckReport(pairs=len(pairs), bad=bad, warned=warned, counts=dict(counts))
+    return CheckReport(pairs=len(checked), bad=bad, warned=warned, counts=dict(counts))
 
 
-def _check_all(pairs: Sequence[Pair], computed: bool, workers: int, *, progress: bool) -> list[PairCheck]:
-    """`check_pair` over every pair, in order, in `workers` processes."""
+#: Pairs per worker handed out at a time (a stream of shards is never read into memory whole).
+WINDOW = 64
+
+
+def _check_all(pairs: Sequence[Pair], computed: bool, workers: int, *, progress: bool,
+               ) -> list[tuple[str, PairCheck]]:
+    """(key, `check_pair`) of every pair, in order, in `workers` processes."""
+    import itertools
     from functools import partial
 
     from training.data.dataset import check_pair
 
     check = partial(check_pair, conditions_computed=computed)
-    if workers <= 1 or len(pairs) <= 1:
-        results: Any = map(check, pairs)
-        executor = None
-    else:
+    executor = None
+    if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: a parent that has started torch or OpenCV threads cannot be forked safely
         executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-        results = executor.map(check, pairs, chunksize=max(1, min(64, len(pairs) // (4 * workers))))
+    total = getattr(pairs, "known_length", None) if not isinstance(pairs, list) else len(pairs)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        results = tqdm(results, total=len(pairs), unit="pair", file=sys.stderr,
-                       disable=len(pairs) < PROGRESS_MIN_PAIRS)
+        bar = tqdm(total=total, unit="pair", file=sys.stderr, disable=total is not None and total < PROGRESS_MIN_PAIRS)
+    results: list[tuple[str, PairCheck]] = []
+    stream = iter(pairs)
     try:
-        return list(results)
+        while window := list(itertools.islice(stream, WINDOW * max(1, workers))):
+            checks = executor.map(check, window, chunksize=max(1, len(window) // (4 * workers))) if executor \
+                else map(check, window)
+            for pair, found in zip(window, checks):
+                results.append((pair.key, found))
+                if bar is not None:
+                    bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         if executor is not None:
             executor.shutdown()
+    return results

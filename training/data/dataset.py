@@ -61,11 +61,13 @@ class PairedDataset:
         cache_dir: where computed maps are cached (only for functions with a `cache_key`).
         on_bad_pair: "skip" (return None and record it) or "fail" (raise).
         seed: with `epoch` and the index, seeds the random crop and randomised condition parameters.
+        buckets: (width, height) per pair to resize and crop it to instead of the square (training/data/buckets.py).
 
     Items: dict(pixel_values=(3, R, R) float32 in [-1, 1], conditioning_pixel_values=(3, R, R) float32 in
     [0, 1], prompt=str, index=int, original_size=(height, width) of the image as read, before resizing,
-    crop_top_left=(top, left) of the crop in the resized image), or None for a skipped bad pair. The last two
-    are SDXL's size/crop conditioning of the sample (Podell et al. 2307.01952, section 2.2).
+    crop_top_left=(top, left) of the crop in the resized image, target_size=(height, width) of the crop), or None
+    for a skipped bad pair. The last three are SDXL's size/crop conditioning of the sample (Podell et al.
+    2307.01952, section 2.2). With buckets, R x R above is the pair's bucket.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class PairedDataset:
         cache_dir: str | os.PathLike | None = None,
         on_bad_pair: str = "skip",
         seed: int = 0,
+        buckets: Sequence[tuple[int, int]] | None = None,
     ):
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 8:
             raise ConfigError(f"`resolution` must be a positive multiple of 8, got {resolution!r}")
@@ -92,6 +95,7 @@ class PairedDataset:
         self.seed = seed
         self.epoch = 0
         self.bad_pairs: list[tuple[str, str]] = []
+        self.buckets = list(buckets) if buckets is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose random crops and condition parameters `__getitem__` draws.
@@ -105,9 +109,25 @@ class PairedDataset:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        pair = self.pairs[index]
+        bucket = self.buckets[index] if self.buckets is not None else None
+        return self.item(self.pairs[index], index, self.generators(index), bucket)
+
+    def stream_item(self, pair: Pair | None, index: int, seed: tuple[int, ...]) -> dict[str, Any] | None:
+        """The item of a pair read from a stream (training/data/streaming.py): `index` is its position in the
+        step's global batch, `seed` (reader, position in its stream) seeds its crop and condition draws. None:
+        a bad pair, or a slot a damaged shard left empty (counted as skipped)."""
+        import numpy as np
+
+        if pair is None:
+            return None
+        crop_seed, condition_seed = np.random.SeedSequence([self.seed, *seed]).spawn(2)
+        return self.item(pair, index, (np.random.default_rng(crop_seed), np.random.default_rng(condition_seed)))
+
+    def item(self, pair: Pair, index: int, generators: tuple[Any, Any], bucket: tuple[int, int] | None = None,
+             ) -> dict[str, Any] | None:
+        """The item of one pair (class docstring), with the bad-pair policy applied."""
         try:
-            return self._item(pair, index)
+            return self._item(pair, index, generators, bucket)
         except ControlkitError as error:
             if self.on_bad_pair == "fail":
                 raise ControlkitError(
@@ -124,7 +144,8 @@ class PairedDataset:
         crop_seed, condition_seed = np.random.SeedSequence([self.seed, self.epoch, index]).spawn(2)
         return np.random.default_rng(crop_seed), np.random.default_rng(condition_seed)
 
-    def _item(self, pair: Pair, index: int) -> dict[str, Any]:
+    def _item(self, pair: Pair, index: int, generators: tuple[Any, Any], bucket: tuple[int, int] | None,
+              ) -> dict[str, Any]:
         import numpy as np
         import torch
 
@@ -133,10 +154,25 @@ class PairedDataset:
         if pair.problem is not None:
             raise ControlkitError(pair.problem)
         prompt = _check_caption(pair.prompt)
-        crop_rng, condition_rng = self.generators(index)
+        crop_rng, condition_rng = generators
         image_source = read_source(pair.image, "image")
         image = read_image(image_source, "image")
         original_size = (int(image.shape[0]), int(image.shape[1]))
+        if bucket is not None:
+            image, condition, (top, left) = self._bucketed(pair, image, image_source, bucket, generators)
+        else:
+            image, condition, (top, left) = self._square(pair, image, image_source, crop_rng, condition_rng)
+        pixel_values = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 127.5 - 1.0
+        conditioning = condition_tensor(condition)[0]  # the models' input convention, defined once
+        return {
+            "pixel_values": pixel_values, "conditioning_pixel_values": conditioning, "prompt": prompt, "index": index,
+            "original_size": original_size, "crop_top_left": (int(top), int(left)),
+            "target_size": (int(image.shape[0]), int(image.shape[1])),
+        }
+
+    def _square(self, pair: Pair, image: np.ndarray, image_source: Any, crop_rng: Any, condition_rng: Any,
+                ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Short side to `resolution`, then the square crop (diffusers' rule)."""
         if pair.condition is not None:
             condition = read_image(read_source(pair.condition, "condition"), "condition")
             check_alignment(image, condition)
@@ -151,12 +187,23 @@ class PairedDataset:
         size = self.resolution
         image = image[top : top + size, left : left + size]
         condition = condition[top : top + size, left : left + size]
-        pixel_values = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 127.5 - 1.0
-        conditioning = condition_tensor(condition)[0]  # the models' input convention, defined once
-        return {
-            "pixel_values": pixel_values, "conditioning_pixel_values": conditioning, "prompt": prompt, "index": index,
-            "original_size": original_size, "crop_top_left": (int(top), int(left)),
-        }
+        return image, condition, (top, left)
+
+    def _bucketed(self, pair: Pair, image: np.ndarray, image_source: Any, bucket: tuple[int, int],
+                  generators: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Resized to cover `bucket` and cropped to it, image and map alike (training/data/buckets.py)."""
+        from training.data.buckets import cover, fit
+
+        crop_rng, condition_rng = generators
+        if pair.condition is not None:
+            condition = read_image(read_source(pair.condition, "condition"), "condition")
+            check_alignment(image, condition)
+            return fit(image, _match_size(condition, image), bucket, self.center_crop, crop_rng)
+        if self.condition_fn is None:
+            raise ControlkitError("no condition map, and no preprocessor configured to compute one")
+        image = cover(image, bucket)  # maps are computed at the size the model sees, as in the square path
+        condition = self._computed_condition(image, image_source, condition_rng)
+        return fit(image, condition, bucket, self.center_crop, crop_rng)
 
     def _computed_condition(self, image: np.ndarray, source: Any, rng: np.random.Generator) -> np.ndarray:
         function_key = getattr(self.condition_fn, "cache_key", None)
@@ -201,7 +248,8 @@ def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
 
     Returns:
         dict(pixel_values=(B, 3, R, R), conditioning_pixel_values=(B, 3, R, R), prompts=list[str],
-        indices=list[int], original_sizes=list[(height, width)], crop_top_lefts=list[(top, left)], skipped=int).
+        indices=list[int], original_sizes=list[(height, width)], crop_top_lefts=list[(top, left)],
+        target_sizes=list[(height, width)], skipped=int).
         A batch whose items were all bad has B = 0 (tensors of shape (0, 3, 0, 0)); the training step should
         skip it.
     """
@@ -212,7 +260,7 @@ def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         empty = torch.zeros((0, 3, 0, 0))
         return {
             "pixel_values": empty, "conditioning_pixel_values": empty.clone(), "prompts": [], "indices": [],
-            "original_sizes": [], "crop_top_lefts": [], "skipped": len(items),
+            "original_sizes": [], "crop_top_lefts": [], "target_sizes": [], "skipped": len(items),
         }
     return {
         "pixel_values": torch.stack([item["pixel_values"] for item in kept]),
@@ -221,6 +269,7 @@ def collate_pairs(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         "indices": [int(item["index"]) for item in kept],
         "original_sizes": [tuple(item["original_size"]) for item in kept],
         "crop_top_lefts": [tuple(item["crop_top_left"]) for item in kept],
+        "target_sizes": [tuple(item["target_size"]) for item in kept],
         "skipped": len(items) - len(kept),
     }
 

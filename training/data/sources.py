@@ -21,6 +21,9 @@ Formats `load_pairs` accepts (detected from the path, in this order):
 
 5. A folder of images with same-stem `.txt` captions (`photo.jpg` + `photo.txt`), for conditions computed
    with a preprocessor.
+6. WebDataset shards (training/data/shards.py): a `shards.json` index, a folder of .tar files, a brace pattern
+   or one .tar, local or any fsspec URL. They are read as they are needed (`ShardPairs`): `pairs[:n]` reads
+   n samples, and training streams them (training/data/streaming.py).
 
 Folders are searched recursively everywhere, as `controlkit dataset build` searches them: in a layout a stem
 is the path below `images/` without its suffix (`sub/cat` pairs `images/sub/cat.jpg` with
@@ -36,56 +39,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from controlkit.errors import ConfigError, ControlkitError
+from training.data.pairs import DatasetCell, ImageRef, Pair
+
+__all__ = ["DatasetCell", "ImageRef", "Pair", "find_images", "json_lines", "load_pairs"]
 
 #: The most structural problems listed in one error message.
 _MAX_LISTED = 10
-
-
-@dataclass(frozen=True)
-class DatasetCell:
-    """One image cell of a Hugging Face dataset, read on demand (a dataset may not fit in memory).
-
-    `read()` returns what `controlkit.image.load_image` takes: the encoded bytes (images are read without
-    decoding, so the strict decoder of `load_image` sees the file), a path, or an array.
-    """
-
-    dataset: Any
-    row: int
-    column: str
-
-    def read(self) -> Any:
-        value = self.dataset[self.row][self.column]
-        if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
-            return value.get("bytes") or value.get("path")
-        return value
-
-
-ImageRef = Union[str, os.PathLike, bytes, DatasetCell, Any]
-
-
-@dataclass
-class Pair:
-    """One training example.
-
-    Attributes:
-        image: the target image: a path, encoded bytes, an in-memory image, or a `DatasetCell`.
-        condition: the condition map (same kinds), or None when it is to be computed from the image.
-        prompt: the caption.
-        key: names the pair in reports (the image's path as written in the source, or `row N`).
-        problem: what makes the pair unusable that reading the source already found (a caption file that is
-            not UTF-8 text), or None; reported and skipped like any bad pair.
-    """
-
-    image: ImageRef
-    condition: ImageRef | None
-    prompt: str
-    key: str
-    problem: str | None = None
 
 
 def load_pairs(
@@ -108,9 +71,17 @@ def load_pairs(
         ConfigError: the source does not exist, has no pairs, or has malformed lines.
         ControlkitError: a Hugging Face dataset without the `datasets` package installed.
     """
+    from training.data.shards import ShardPairs, is_shard_source, resolve_shards
+
+    if is_shard_source(source):
+        pairs: Any = ShardPairs(resolve_shards(source))
+        if not pairs:
+            raise ConfigError(f"{source}: the shards hold no sample")
+        return pairs
     path = Path(source)
     if not path.exists():
-        raise ConfigError(f"{path}: no such file or folder; give a manifest (.jsonl), prompt.json or a folder")
+        raise ConfigError(f"{path}: no such file or folder; give a manifest (.jsonl), prompt.json, shards or a "
+                          "folder")
     if path.is_file():
         pairs = _read_json_lines(path)
     elif (path / "manifest.jsonl").is_file():

@@ -75,6 +75,13 @@ class BatchEncoder:
         self.latent_shape = latent_shape(parts.vae, config.data.resolution)
         self._last: StepInputs | None = None
 
+    def latent_shape_for(self, size: tuple[int, int] | None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of images of (width, height) `size`; None: the square of data.resolution."""
+        if size is None:
+            return self.latent_shape
+        factor = self.config.data.resolution // self.latent_shape[1]
+        return self.latent_shape[0], size[1] // factor, size[0] // factor
+
     def inputs(self, batch: dict[str, Any], draws: StepDraws, positions: dict[int, int]) -> StepInputs:
         """StepInputs of a batch; draws are taken at each sample's position in the step's global batch.
 
@@ -100,7 +107,8 @@ class BatchEncoder:
         text_embeds, pooled = self._text_embeds(prompts)
         added = None
         if pooled is not None:
-            time_ids = size_time_ids(batch["original_sizes"], batch["crop_top_lefts"], self.config.data.resolution)
+            time_ids = size_time_ids(batch["original_sizes"], batch["crop_top_lefts"], self.config.data.resolution,
+                                     batch.get("target_sizes"))
             added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device)}
         condition = None
         if self.parts.controlnet is not None:
@@ -133,7 +141,7 @@ class BatchEncoder:
         are not cached, so bad pairs are only found during training)."""
         data, model = self.config.data, self.config.model
         usable = None
-        if data.center_crop:
+        if data.center_crop and not data.buckets:  # one fixed crop per image: its latent can be cached
             usable = self._cache_latents(accelerator, dataset, cache_root)
         if not model.train_text_encoder:
             self._cache_prompts(accelerator, dataset, cache_root)
@@ -205,18 +213,18 @@ class BatchEncoder:
 
 
 def size_time_ids(original_sizes: Sequence[Sequence[int]], crop_top_lefts: Sequence[Sequence[int]],
-                  resolution: int) -> "torch.Tensor":
+                  resolution: int, target_sizes: Sequence[Sequence[int]] | None = None) -> "torch.Tensor":
     """SDXL's six size/crop numbers per sample, (B, 6) float32: original (height, width) before resizing, crop
-    (top, left), target (resolution, resolution), laid out as `controlkit.conditioning.SizeConditioning` lays
-    them out for generation."""
+    (top, left), target (height, width) (default (resolution, resolution); a bucket's size with buckets), laid
+    out as `controlkit.conditioning.SizeConditioning` lays them out for generation."""
     import torch
 
     from controlkit.conditioning import SizeConditioning
 
-    target = (resolution, resolution)
+    targets = target_sizes or [(resolution, resolution)] * len(original_sizes)
     rows = [SizeConditioning(original_size=tuple(size), crops_coords_top_left=tuple(crop),
-                             target_size=target).time_ids(target)[1]
-            for size, crop in zip(original_sizes, crop_top_lefts)]
+                             target_size=tuple(target)).time_ids((target[1], target[0]))[1]
+            for size, crop, target in zip(original_sizes, crop_top_lefts, targets)]
     return torch.tensor(rows, dtype=torch.float32)
 
 

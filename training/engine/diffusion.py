@@ -8,6 +8,7 @@ it when it is finite everywhere; then the shared end of step (clip, update, sche
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,20 +42,20 @@ class DiffusionRecipe:
 
     def load_data(self, run: "Run") -> tuple[Any, list[int] | None]:
         from training.data.conditions import config_condition_fn
-        from training.data.dataset import PairedDataset, image_as_condition, load_training_pairs
+        from training.data.dataset import image_as_condition
+        from training.data.loading import is_stream, training_data
 
         config, data = run.config, run.config.data
         condition_fn = image_as_condition if config.model.kind == "base" else None  # a base model uses none
         if data.preprocessor:
             condition_fn = config_condition_fn(data)
-        dataset = PairedDataset(
-            load_training_pairs(data), resolution=data.resolution, center_crop=data.center_crop,
-            condition_fn=condition_fn, cache_dir=data.condition_cache_dir or None, on_bad_pair=data.on_bad_pair,
-            seed=config.train.seed,
-        )
+        dataset = training_data(config, condition_fn)
         self.encoder = BatchEncoder(config, self.parts, run.accelerator.device, run.prepared.get("text_encoder"))
         usable = None
-        if data.cache_encodings:
+        if data.cache_encodings and is_stream(dataset) and run.accelerator.is_main_process:
+            print("note: data.cache_encodings: shards are streamed, so their images and captions are encoded "
+                  "every step (set data.cache_encodings=false to silence this)", file=sys.stderr)
+        elif data.cache_encodings:
             cache_root = Path(data.cache_dir) if data.cache_dir else run.output_dir / "cache"
             usable = self.encoder.build_caches(run.accelerator, dataset, cache_root)
         if config.validation.every_steps:
@@ -67,7 +68,8 @@ class DiffusionRecipe:
         """Accumulate the micro-batches of one optimizer step and apply the update; the mean loss, or None when
         the step was skipped."""
         accelerator, parts = run.accelerator, self.parts
-        draws = draw_step(run.generator, run.layout.global_batch, self.encoder.latent_shape,
+        draws = draw_step(run.generator, run.layout.global_batch,
+                          self.encoder.latent_shape_for(run.sampler.step_size(step)),
                           parts.noise_scheduler.config.num_train_timesteps, run.config.data.proportion_empty_prompts)
         positions = step_positions(run, step)
         unet, controlnet = run.prepared.get("unet", parts.unet), run.prepared.get("controlnet")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from controlkit.errors import CheckpointError, ConfigError, ControlkitError
 from training.data.batching import BatchLayout, ProcessBatches, StepSampler
+from training.data.loading import is_stream, make_sampler
 from training.engine import checkpoints
 from training.engine.models import build_ema, build_lr_scheduler, build_optimizer, trained_parameters
 
@@ -132,8 +133,7 @@ def create_run(config: "TrainConfig", recipe: Recipe) -> Run:
     run.dataset, usable = recipe.load_data(run)
     run.layout = BatchLayout(config.train.batch_size, accelerator.num_processes,
                              config.train.gradient_accumulation_steps)
-    run.sampler = StepSampler(usable if usable is not None else range(len(run.dataset)), run.layout,
-                              config.train.seed)
+    run.sampler = make_sampler(run.dataset, usable, run.layout, config)
     if resume_from is not None:
         resume(run, resume_from)
     return run
@@ -145,6 +145,9 @@ def make_loader(run: Run, epoch: int, first: int, last: int) -> Any:
 
     from training.data.dataset import collate_pairs
 
+    if is_stream(run.dataset):
+        return run.sampler.loader(run.dataset.transform, first, last, run.accelerator.process_index,
+                                  pin_memory=run.accelerator.device.type == "cuda")
     run.dataset.set_epoch(epoch)
     return torch.utils.data.DataLoader(
         run.dataset, batch_sampler=ProcessBatches(run.sampler, first, last, run.accelerator.process_index),
@@ -186,8 +189,7 @@ def resume(run: Run, path: Path) -> None:
     changes = checkpoints.config_drift(saved["config"], run.config.flat())
     if saved["world_size"] != run.accelerator.num_processes:
         changes.append(f"processes: {saved['world_size']} -> {run.accelerator.num_processes}")
-    if saved["data"]["usable_pairs"] != len(run.sampler.indices):
-        changes.append(f"usable pairs: {saved['data']['usable_pairs']} -> {len(run.sampler.indices)}")
+    changes += run.sampler.resume_changes(saved["data"])
     if changes and not run.config.checkpoint.allow_config_change:
         raise CheckpointError(
             f"resuming {path} would change the run: {'; '.join(changes)}; restore these settings or pass "
@@ -334,6 +336,8 @@ def check_output(config: "TrainConfig", checkpoint_root: Path) -> Path | None:
         if folder:
             check_output_folder(folder, f"`{key}`")
     for key, source in (("data.source", config.data.source), ("validation.source", config.validation.source)):
+        if source and _is_shards(source):  # listed now (local or remote), not after the models have loaded
+            continue
         if source and not Path(source).exists():  # found now, not after the models have loaded
             raise ConfigError(f"`{key}` {source}: no such file or folder; give a manifest (.jsonl), prompt.json "
                               "or a folder")
@@ -344,6 +348,16 @@ def check_output(config: "TrainConfig", checkpoint_root: Path) -> Path | None:
             "checkpoint.resume=latest, or choose another train.output_dir"
         )
     return path
+
+
+def _is_shards(source: str) -> bool:
+    """A WebDataset shard source; raises ConfigError (one line) when it names no shard."""
+    from training.data.shards import is_shard_source, resolve_shards
+
+    if not is_shard_source(source):
+        return False
+    resolve_shards(source)
+    return True
 
 
 def _run_outputs(config: "TrainConfig", output_dir: Path) -> list[tuple[Path, bool]]:
