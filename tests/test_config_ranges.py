@@ -31,6 +31,7 @@ BAD_VALUES = [
     ("validation.num_inference_steps=5000", "`validation.num_inference_steps` must be in [1, 1000]"),
     ("validation.guidance_scale=-1", "`validation.guidance_scale` must be 0 or positive"),
     ("validation.count=100000", "`validation.count` must be in [1, 1000]"),
+    ("validation.every=0", "`validation.every` must be in [1, 50]"),
     ("train.process_timeout_minutes=99999999999999", "`train.process_timeout_minutes` must be in [1, 10080]"),
     ("ema.decay=nan", "`ema.decay` must be a finite number"),
     ('train.output_dir="runs/a\\u0000b"', "`train.output_dir` must not contain a NUL character"),

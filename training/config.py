@@ -147,6 +147,7 @@ class ValidationConfig:
     guidance_scale: float = option(7.5, "classifier-free guidance scale of validation images")
     seed: int = option(0, "seed of the validation images")
     measure: bool = option(True, "measure controllability of the validation images")
+    every: int = option(1, "ControlNet step reuse in validation images: run it every N-th step (1: every step)")
 
 
 SECTIONS: dict[str, type] = {

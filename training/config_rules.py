@@ -17,6 +17,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from controlkit.control import MAX_EVERY  # the one bound of generation's step reuse
+
 #: A `training.config.TrainConfig` (not imported: that module imports this one).
 TrainConfig = Any
 
@@ -204,6 +206,7 @@ def _other_rules(config: TrainConfig, need: Need) -> None:
          f"must be in [1, {MAX_INFERENCE_STEPS}]")
     need(_number(validation.guidance_scale, 0.0), "validation.guidance_scale", "must be 0 or positive")
     need(_count(validation.seed, 0, SEED_LIMIT - 1), "validation.seed", "must be in [0, 2**63)")
+    need(_count(validation.every, 1, MAX_EVERY), "validation.every", f"must be in [1, {MAX_EVERY}]")
 
 
 def _is_range(value: Any) -> bool:

@@ -77,7 +77,8 @@ class Validator:
                 break
             controls = []
             if controlnet is not None:
-                controls = [Control(condition, controlnet, layer_weights=self._layers(controlnet))]
+                controls = [Control(condition, controlnet, layer_weights=self._layers(controlnet),
+                                    every=validation.every)]
             result = generate(base, prompt, controls, steps=validation.num_inference_steps,
                               guidance_scale=validation.guidance_scale, seed=validation.seed, width=resolution,
                               height=resolution, output_type="np")
