@@ -68,16 +68,23 @@ def worker_threads(workers: int) -> int:
 def annotate_job(annotator: Any, job: Job, image: Any = None) -> Outcome:
     """Annotate one job and write its map (and keypoints) atomically; never raises for a bad input or a failed
     write. `image`: the job's source already decoded by `load_image` ((H, W, 3) uint8), else it is read here."""
+    outcome, empty = with_empty_reason(_annotate, annotator, job, image)
+    return outcome if outcome is not None else Outcome(empty=empty)
+
+
+def with_empty_reason(function: Any, *args: Any) -> tuple[Any, str | None]:
+    """`function(*args)` and why the map it made is empty (an `EmptyMapWarning` it raised: the detector found
+    nothing), None when not; other warnings are shown as they would have been."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EmptyMapWarning)
-        outcome = _annotate(annotator, job, image)
+        result = function(*args)
     empty = None
     for warning in caught:
         if isinstance(warning.message, EmptyMapWarning):
             empty = warning.message.reason
         else:  # not ours to judge: shown as it would have been
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return outcome if outcome is not None else Outcome(empty=empty)
+    return result, empty
 
 
 def _annotate(annotator: Any, job: Job, image: Any = None) -> Outcome | None:

@@ -81,3 +81,17 @@ def trained_like_union(unet, seed: int):
     for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out):
         torch.nn.init.normal_(conv.weight, std=0.3)
     return model.eval()
+
+
+def same_tensors(a, b) -> bool:
+    """Two state dicts hold the same keys and bit-identical tensors."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def public_config(config) -> dict:
+    """A config as its JSON reads back (tuples are lists), without diffusers' private keys."""
+    import json
+
+    return json.loads(json.dumps({key: value for key, value in config.items() if not key.startswith("_")}))

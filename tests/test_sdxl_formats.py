@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import trained_like_controlnet
+from conftest import public_config, same_tensors, trained_like_controlnet
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -64,13 +64,6 @@ def images(base, controls=()):
     return generate(base, PROMPT, controls, steps=2, seed=3, output_type="np").images
 
 
-def same_tensors(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
-
-
-def public(config):
-    """A config as its JSON reads back (tuples are lists), without diffusers' private keys."""
-    return json.loads(json.dumps({key: value for key, value in config.items() if not key.startswith("_")}))
 
 
 # -- SDXL ControlNets through the original format ------------------------------------------------------------------
@@ -87,7 +80,7 @@ def test_tiny_sdxl_controlnet_round_trips_bitwise_through_the_original_format(sd
     loaded, metadata = load_controlnet(result.path)
     assert metadata.condition == "canny"
     assert same_tensors(loaded.state_dict(), controlnet.state_dict())
-    assert public(loaded.config) == public(controlnet.config)
+    assert public_config(loaded.config) == public_config(controlnet.config)
     control = [Control(edge_map(), controlnet)]
     expected = images(base, control)
     np.testing.assert_array_equal(images(base, [Control(edge_map(), loaded)]), expected)

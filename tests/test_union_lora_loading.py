@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import trained_like_union
+from conftest import public_config, same_tensors, trained_like_union
 from safetensors.torch import load_file, save_file
 
 from controlkit.checkpoint import inspect_checkpoint, load_controlnet, save_controlnet
@@ -59,12 +59,6 @@ def images(base, controls=()):
     return generate(base, PROMPT, controls, steps=2, seed=5, output_type="np").images
 
 
-def same_tensors(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
-
-
-def public(config):
-    return json.loads(json.dumps({key: value for key, value in config.items() if not key.startswith("_")}))
 
 
 def one_line(error) -> str:
@@ -81,7 +75,7 @@ def test_union_folder_round_trip(sdxl, base, union, tmp_path):
     loaded, metadata = load_controlnet(folder)
     assert type(loaded).__name__ == "ControlNetUnionModel" and metadata.condition == "canny"
     assert same_tensors(loaded.state_dict(), union.state_dict())
-    assert public(loaded.config) == public(union.config)
+    assert public_config(loaded.config) == public_config(union.config)
     control = Control.from_pretrained(folder, edge_map(), unet=sdxl["unet"], control_type="canny")
     np.testing.assert_array_equal(images(base, [control]), images(base, [Control(edge_map(), union,
                                                                                  control_type="canny")]))
@@ -96,7 +90,7 @@ def test_union_single_file_is_recognised_by_its_keys(sdxl, union, tmp_path):
         assert type(loaded).__name__ == "ControlNetUnionModel"
         assert same_tensors(loaded.state_dict(), union.state_dict())
         # the weights hold every size but the fusion transformer's heads: the released models' 8
-        differing = {k for k, v in public(loaded.config).items() if public(union.config).get(k) != v}
+        differing = {k for k, v in public_config(loaded.config).items() if public_config(union.config).get(k) != v}
         if unet is not None:
             assert differing == {"num_trans_head"} and loaded.config.num_trans_head == 8
     assert inspect_checkpoint(path).format == "diffusers single file, ControlNet-Union (SDXL, 6 control types)"

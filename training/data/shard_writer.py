@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -275,18 +274,9 @@ def _write_sample(annotator: Any, task: ShardTask, sample: dict[str, Any], write
 
 def _annotate(annotator: Any, image: Any) -> tuple[Any, str | None]:
     """The map of one decoded image, and why it is empty (the detector found nothing), as batch annotation."""
-    from preprocessors.base import EmptyMapWarning
+    from preprocessors.jobs import with_empty_reason
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", EmptyMapWarning)
-        condition = annotator(image)
-    empty = None
-    for warning in caught:
-        if isinstance(warning.message, EmptyMapWarning):
-            empty = warning.message.reason
-        else:  # not ours to judge: shown as it would have been
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return condition, empty
+    return with_empty_reason(annotator, image)
 
 
 def _png(image: Any) -> bytes:
