@@ -48,6 +48,15 @@ def base(components):
     return pipeline_from_components(components)
 
 
+@pytest.fixture(scope="module")
+def sdxl():
+    """Tiny real SDXL components (U-Net with the added text/size embedding, VAE, two CLIP text encoders, the
+    second projected, their tokenizers, scheduler), seeded."""
+    from controlkit.tiny import TINY_SDXL_CONFIG, build_components
+
+    return build_components(TINY_SDXL_CONFIG, seed=0)
+
+
 def trained_like_controlnet(unet, seed: int):
     """A tiny ControlNet for `unet` whose zero convolutions are made random, as after training, so that the
     condition map reaches the output (a fresh one would leave every image as the base makes it)."""

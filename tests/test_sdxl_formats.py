@@ -3,7 +3,6 @@ size's original key set; SDXL single-file bases read offline with a local config
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -22,7 +21,7 @@ from controlkit.errors import WeightsNotFoundError
 from controlkit.original_format import client_support, from_original, to_original
 from controlkit.pipeline import generate
 from controlkit.sd_pipelines import load_base, pipeline_from_components
-from controlkit.tiny import TINY_SDXL_CONFIG, build_components, save_components
+from controlkit.tiny import save_components
 
 TINY_MODELS = True
 
@@ -36,11 +35,6 @@ SDXL_CONTROLNET = {
     "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816, "conditioning_embedding_out_channels": (16, 32, 96, 256),
 }
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_components(TINY_SDXL_CONFIG, seed=0)
 
 
 @pytest.fixture(scope="module")

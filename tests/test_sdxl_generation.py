@@ -16,17 +16,12 @@ from controlkit.control import Control, num_control_layers
 from controlkit.errors import CheckpointError, ConfigError
 from controlkit.pipeline import generate
 from controlkit.sd_pipelines import pipeline_from_components
-from controlkit.tiny import TINY_SDXL_CONFIG, build_components, save_components
+from controlkit.tiny import save_components
 
 TINY_MODELS = True
 
 PROMPT = "a blue cube on the floor"
 STEPS, SEED = 3, 7
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_components(TINY_SDXL_CONFIG, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,11 @@ from controlkit.errors import CheckpointError, ConfigError
 from controlkit.original_format import OriginalLayout, diffusers_to_original_keys
 from controlkit.pipeline import generate
 from controlkit.sd_pipelines import pipeline_from_components
-from controlkit.tiny import TINY_SDXL_CONFIG, TinyConfig, build_components, save_components
+from controlkit.tiny import TinyConfig, build_components, save_components
 
 TINY_MODELS = True
 
 PROMPT = "a blue sphere on the floor"
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_components(TINY_SDXL_CONFIG, seed=0)
 
 
 @pytest.fixture(scope="module")
