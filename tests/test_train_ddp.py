@@ -3,13 +3,10 @@ global batch: the sampler gives every sample the same position, noise and timest
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from train_helpers import load_tensors, make_world, overrides
+from train_helpers import load_tensors, make_world, overrides, train_in_two_processes
 
 from controlkit.cli import main
 
@@ -26,12 +23,7 @@ def test_two_processes_match_one_process_over_the_same_global_batch(tmp_path):
     base, data = make_world(tmp_path)
     config = tmp_path / "empty.toml"
     config.write_text("")
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-                       PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "controlkit", "train", str(config)]
-    two = subprocess.run([*launch, *overrides(base, data, tmp_path / "two", *SETTINGS, "train.batch_size=2")],
-                         capture_output=True, text=True, env=environment, timeout=300)
+    two = train_in_two_processes(config, overrides(base, data, tmp_path / "two", *SETTINGS, "train.batch_size=2"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("trained 4 steps") == 1  # only the first process reports
     checkpoint = tmp_path / "two" / "checkpoints" / "checkpoint-00000004"

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from train_helpers import RESOLUTION, load_tensors, make_sdxl_world, overrides, tiny_config
+from train_helpers import RESOLUTION, load_tensors, make_sdxl_world, overrides, tiny_config, train_in_two_processes
 
 from controlkit.base_families import SD, SDXL
 from controlkit.errors import ConfigError
@@ -136,12 +133,7 @@ def test_two_processes_match_one_process_over_the_same_global_batch(world, tmp_p
     settings = ("train.max_steps=4", "data.proportion_empty_prompts=0.3")
     config = tmp_path / "empty.toml"
     config.write_text("")
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-                       PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "controlkit", "train", str(config)]
-    two = subprocess.run([*launch, *overrides(base, data, tmp_path / "two", *settings, "train.batch_size=2")],
-                         capture_output=True, text=True, env=environment, timeout=300)
+    two = train_in_two_processes(config, overrides(base, data, tmp_path / "two", *settings, "train.batch_size=2"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("trained 4 steps") == 1
     for name, batch in (("one", 4), ("other", 2)):

@@ -70,3 +70,17 @@ def make_sdxl_world(root: Path, pairs: int = 16) -> tuple[Path, Path]:
     manifest = folder / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return base, manifest
+
+
+def train_in_two_processes(config: Path, arguments: list[str]):
+    """`controlkit train CONFIG ARGUMENTS` in two real processes (torch.distributed.run, one thread each, offline);
+    the finished `subprocess.CompletedProcess` (stdout and stderr captured)."""
+    import os
+    import subprocess
+    import sys
+
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                       PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "controlkit", "train", str(config)]
+    return subprocess.run([*launch, *arguments], capture_output=True, text=True, env=environment, timeout=300)
