@@ -254,8 +254,8 @@ class PreparedControl:
             the ControlNet runs on (or 1, broadcast over it). For a Union model, the condition pixels
             (1, 3, H, W) in [0, 1]: its encoder runs inside its forward (`controlkit.union`).
         scales: one multiplier per ControlNet output.
-        reused: the last residuals this control's forward gave, with the step they were computed at and the
-            controls that shared the forward, for the steps that reuse them (`Control.every`).
+        reused: the controls that shared this control's last forward and the residuals it gave, for the steps
+            that reuse them (`Control.every`).
         compiled, scale_tensor: with `generate(..., compile=True)`, the ControlNet's compiled forward
             (`controlkit.compiled`) and the scales as a float32 (N,) tensor it takes.
     """
@@ -263,7 +263,7 @@ class PreparedControl:
     control: Control
     embedding: torch.Tensor
     scales: list[float]
-    reused: tuple[int, tuple[int, ...], list[torch.Tensor]] | None = None
+    reused: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
     compiled: Any = None
     scale_tensor: torch.Tensor | None = None
 

@@ -127,7 +127,7 @@ def generate(
         steps: scheduler steps, 1..999 (img2img runs the last `strength` fraction of them); default: what the
             base records (`SETTINGS_FILE`; the demo base: 20), else 20.
         guidance_scale: classifier-free guidance, finite and >= 0; 1 or less turns it off; default: what the base
-            records (the demo base: 2), else 7.5.
+            records (the demo base: 2), else the family's (7.5 for SD1.x/SD2.x, 5 for SDXL).
         seed: seed of a CPU `torch.Generator`, an integer in 0..2**64-1, so the same seed gives the same image on
             every device (within floating-point tolerance); None draws one (returned in the result).
         scheduler: a name in `controlkit.sampling.SCHEDULERS` (UniPC by default).
@@ -208,10 +208,11 @@ def generate(
             for index, (control, image) in enumerate(zip(controls, maps))
         ]
         step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
+        running = [p for p in prepared if p is not None]  # scale 0: not run at all
         if compile:
-            _use_compiled([p for p in prepared if p is not None], device)
+            _use_compiled(running, device)
         latents = denoise(
-            _compiled_unet(unet) if compile else unet, pipe.scheduler, latents, timesteps, conditioning, [p for p in prepared if p is not None],
+            _compiled_unet(unet) if compile else unet, pipe.scheduler, latents, timesteps, conditioning, running,
             guidance_scale=guidance_scale, step_kwargs=step_kwargs, on_step=on_step,
         )
         images = _decode(pipe, latents, output_type, generator)

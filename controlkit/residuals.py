@@ -46,7 +46,7 @@ def control_residuals(
         outputs = _reusable(group, step, num_steps)
         if outputs is None:
             outputs = _run_group(group, model_input, timestep, conditioning, guided)
-            group[0].reused = (step, tuple(id(p) for p in group), outputs)
+            group[0].reused = (tuple(id(p) for p in group), outputs)
         total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
     if total is None:
         return None, None
@@ -71,11 +71,11 @@ def _forward_groups(active: Sequence[PreparedControl], guided: bool) -> list[lis
 def _reusable(group: Sequence[PreparedControl], step: int, num_steps: int) -> list[torch.Tensor] | None:
     """The group's last residuals when no control of it is due to run at `step` (`Control.every`), else None."""
     kept = group[0].reused
-    if kept is None or kept[1] != tuple(id(p) for p in group):
+    if kept is None or kept[0] != tuple(id(p) for p in group):
         return None
     if any(p.control.runs_at(step, num_steps) for p in group):
         return None
-    return kept[2]
+    return kept[1]
 
 
 def _run_group(
