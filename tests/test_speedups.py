@@ -173,3 +173,19 @@ def test_bfloat16_runs_the_vae_in_float32_and_stays_near_float32(components):
     full = run(pipeline_from_components(components), [Control(edges(), trained_like_controlnet(components["unet"], 5))])
     assert np.isfinite(result).all()
     assert np.abs(result - full).mean() < 0.05
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_compile_must_be_a_bool(base, value):
+    with pytest.raises(ConfigError, match="`compile` must be True or False") as refused:
+        run(base, [], compile=value)
+    assert "\n" not in str(refused.value)
+
+
+def test_cli_size_conditioning_is_checked_before_any_model_loads(tmp_path, capsys):
+    from controlkit.cli import main
+
+    code = main(["generate", "x", "--base", str(tmp_path / "absent"), "--original-size", "0", "512"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "`original_size` must be an integer in 1..16384, got 0" in err and err.count("\n") == 1
