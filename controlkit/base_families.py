@@ -21,7 +21,7 @@ class BaseFamily:
     Attributes:
         name: what messages call it ("SD1.x/SD2.x", "SDXL").
         components: the modules of a base of this family, as diffusers' pipelines name them.
-        text2img, img2img: the diffusers pipeline classes that hold them.
+        text2img, img2img, inpaint: the diffusers pipeline classes that hold them.
         options: constructor arguments of those pipelines besides the components.
         config_keys: pipeline config values a base carries and every pipeline built over its modules keeps
             (SDXL's `force_zeros_for_empty_prompt`).
@@ -37,6 +37,7 @@ class BaseFamily:
     components: tuple[str, ...]
     text2img: str
     img2img: str
+    inpaint: str
     options: Mapping[str, Any] = field(default_factory=dict)
     config_keys: tuple[str, ...] = ()
     pooled: bool = False
@@ -50,6 +51,7 @@ SD = BaseFamily(
     components=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     text2img="StableDiffusionPipeline",
     img2img="StableDiffusionImg2ImgPipeline",
+    inpaint="StableDiffusionInpaintPipeline",
     options={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
 )
 SDXL = BaseFamily(
@@ -57,6 +59,7 @@ SDXL = BaseFamily(
     components=("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
     text2img="StableDiffusionXLPipeline",
     img2img="StableDiffusionXLImg2ImgPipeline",
+    inpaint="StableDiffusionXLInpaintPipeline",
     options={"add_watermarker": False},  # the invisible watermark is an optional package, and changes pixels
     config_keys=("force_zeros_for_empty_prompt",),
     pooled=True,
@@ -67,7 +70,7 @@ SDXL = BaseFamily(
 #: Every family, the most specific first (`family_of` takes the first that matches).
 BASE_FAMILIES = (SDXL, SD)
 #: diffusers pipeline class names (model_index.json's `_class_name`) -> family.
-_BY_CLASS = {name: family for family in BASE_FAMILIES for name in (family.text2img, family.img2img)}
+_BY_CLASS = {name: family for family in BASE_FAMILIES for name in (family.text2img, family.img2img, family.inpaint)}
 
 
 def family_of(base: Any) -> BaseFamily:

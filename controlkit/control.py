@@ -208,7 +208,7 @@ def check_placement(
 
 
 def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") -> np.ndarray:
-    """Bring an RGB uint8 (H, W, 3) image to `size` = (width, height).
+    """Bring a uint8 (H, W, C) image (RGB, or a masked map's RGBA) to `size` = (width, height).
 
     Modes (A1111's names in brackets): "resize" stretches [Just Resize]; "crop" scales to cover the target and
     cuts the centre [Crop and Resize]; "fill" scales to fit inside and pads with the median border colour
@@ -229,7 +229,7 @@ def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") ->
         top, left = (inner_h - height) // 2, (inner_w - width) // 2
         return np.ascontiguousarray(scaled[top : top + height, left : left + width])
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]], axis=0)
-    canvas = np.empty((height, width, 3), dtype=np.uint8)
+    canvas = np.empty((height, width, image.shape[2]), dtype=np.uint8)
     canvas[:] = np.median(border, axis=0).astype(np.uint8)
     top, left = (height - inner_h) // 2, (width - inner_w) // 2
     canvas[top : top + inner_h, left : left + inner_w] = scaled
@@ -237,11 +237,21 @@ def fit_image(image: np.ndarray, size: tuple[int, int], mode: str = "resize") ->
 
 
 def condition_tensor(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) image(s) to the models' input convention: float32 (B, 3, H, W) in [0, 1]."""
+    """Condition map(s) to the models' input convention: float32 (B, 3, H, W) in [0, 1].
+
+    Maps are RGB uint8 (H, W, 3), or (H, W, 4) with a masked region (`controlkit.image.load_condition`: alpha
+    below `MASK_ALPHA`), whose pixels become -1 in every channel: ControlNet 1.1's inpaint condition.
+    """
     import torch
 
+    from controlkit.image import MASK_ALPHA
+
     batch = np.stack([images] if isinstance(images, np.ndarray) else list(images))
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255.0)
+    pixels = torch.from_numpy(np.ascontiguousarray(batch[..., :3])).permute(0, 3, 1, 2).float().div(255.0)
+    if batch.shape[-1] == 4:
+        masked = torch.from_numpy(batch[..., 3] < MASK_ALPHA)[:, None].expand_as(pixels)
+        pixels = pixels.masked_fill(masked, -1.0)
+    return pixels
 
 
 @dataclass

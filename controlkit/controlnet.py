@@ -110,6 +110,10 @@ def check_fits(controlnet_state: Mapping[str, Any], controlnet_config: Mapping[s
     """
     ours = {k: tuple(v.shape) for k, v in controlnet_state.items() if k.startswith(ENCODER_PREFIXES)}
     theirs = {k: tuple(v.shape) for k, v in unet.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+    inpainting = theirs.get("conv_in.weight"), ours.get("conv_in.weight")
+    if all(inpainting) and inpainting[0][1] == 2 * inpainting[1][1] + 1 and inpainting[0][2:] == inpainting[1][2:]:
+        # an inpainting U-Net also takes the mask and the masked image's latents; its ControlNets see the latents
+        theirs["conv_in.weight"] = ours["conv_in.weight"]
     differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
     if differing:
         key = differing[0]

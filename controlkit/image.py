@@ -5,6 +5,11 @@ EXIF-rotated; with or without alpha) goes through `load_image`, which returns RG
 Transparent pixels are composited over white, as the reference annotators' `HWC3` does. Whatever goes wrong while
 reading one (a decoder's own exception, a corrupt EXIF block, too little memory) is one `ImageError` line naming it.
 
+Condition maps are read by `load_condition`, the same reader with one difference: a map with transparent pixels
+(alpha below `MASK_ALPHA`) keeps them as its masked region, (H, W, 4) with alpha 0 (masked) or 255. That is how the
+inpaint condition (ControlNet 1.1: the image with its masked pixels set to -1) lives in PNG files and uint8 arrays;
+`controlkit.control.condition_tensor` turns the masked pixels into -1.
+
 Every working image is bounded before it is allocated: an input by its pixels (`max_image_pixels`), and an image
 that a resize helper or a caller (a preprocessor's detect size, `generate`'s control images) is about to make by
 `check_working_size` (the same pixel cap, and at most `MAX_ASPECT_RATIO` : 1, since resizing a thin strip to a
@@ -36,6 +41,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 #: detect resolution) turns a few pixels into gigabytes; panoramas up to 16:1 pass.
 MAX_ASPECT_RATIO = 16
 _METADATA_BYTES = 64 * 2**20  # room for metadata (EXIF, ICC, text chunks) in a file at the pixel cap
+#: A condition map's pixel with alpha below this is masked (`load_condition`); PIL's mask rule (`> 127` is opaque).
+MASK_ALPHA = 128
 
 
 def max_image_pixels() -> int:
@@ -65,10 +72,31 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> np.ndarr
         ImageError: one line naming the input and the problem (missing, empty, truncated, not an image,
             unsupported format, too many pixels, unsupported array shape or range).
     """
+    return _read(source, max_pixels, keep_mask=False)
+
+
+def load_condition(source: ImageInput, *, max_pixels: int | None = None) -> np.ndarray:
+    """Normalise a condition map: `load_image`, except that transparent pixels (alpha < `MASK_ALPHA`) are kept as
+    the map's masked region.
+
+    Returns:
+        np.ndarray uint8: (H, W, 3) RGB when no pixel is masked (partly transparent ones composited over white),
+        else (H, W, 4) RGBA with alpha 0 on masked pixels and 255 elsewhere (the RGB of masked pixels is kept
+        but not used).
+    """
+    return _read(source, max_pixels, keep_mask=True)
+
+
+def _read(source: ImageInput, max_pixels: int | None, *, keep_mask: bool) -> np.ndarray:
     limit = max_image_pixels() if max_pixels is None else max_pixels
     name = image_name(source)
     try:
-        return _load(source, name, limit)
+        image = _load(source, name, limit)
+        if image.shape[2] == 3:
+            return image
+        if keep_mask and (image[..., 3] < MASK_ALPHA).any():
+            return np.concatenate([image[..., :3], np.where(image[..., 3:] < MASK_ALPHA, 0, 255).astype(np.uint8)], 2)
+        return _composite_over_white(image)
     except ImageError:
         raise
     except MemoryError:
@@ -92,16 +120,16 @@ def image_name(source: ImageInput) -> str:
 
 def _load(source: ImageInput, name: str, limit: int) -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
-        return _pil_to_rgb(_open_file(Path(source), limit), name)
+        return _pil_pixels(_open_file(Path(source), limit), name)
     if isinstance(source, (bytes, bytearray)):
-        return _pil_to_rgb(_open_stream(io.BytesIO(source), name, limit), name)
+        return _pil_pixels(_open_stream(io.BytesIO(source), name, limit), name)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, name, limit)
-        return _pil_to_rgb(_transpose(source), name)
+        return _pil_pixels(_transpose(source), name)
     if hasattr(source, "detach") and hasattr(source, "cpu"):
-        return _array_to_rgb(_tensor_to_hwc(source, limit), name, limit)
+        return _array_pixels(_tensor_to_hwc(source, limit), name, limit)
     if isinstance(source, np.ndarray):
-        return _array_to_rgb(source, name, limit)
+        return _array_pixels(source, name, limit)
     raise ImageError(
         f"`image` must be a path, bytes, PIL image, numpy array or tensor, but got {type(source).__name__}"
     )
@@ -178,17 +206,17 @@ def _check_pixels(size: tuple[int, int], name: str, limit: int) -> None:
         raise ImageError(f"{name}: image has zero size ({width}x{height})")
 
 
-def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
+def _pil_pixels(image: Image.Image, name: str) -> np.ndarray:
     mode = image.mode
     if mode == "RGB":
         return np.asarray(image, dtype=np.uint8).copy()
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit (and 32-bit integer) samples are scaled to 8 bit, never wrapped or clipped at 255.
-        return _array_to_rgb(np.asarray(image).astype(np.int64).clip(0, 65535).astype(np.uint16), name, None)
+        return _array_pixels(np.asarray(image).astype(np.int64).clip(0, 65535).astype(np.uint16), name, None)
     if mode == "F":
-        return _array_to_rgb(_float_to_unit(np.asarray(image, dtype=np.float32)), name, None)
+        return _array_pixels(_float_to_unit(np.asarray(image, dtype=np.float32)), name, None)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-        return _composite_over_white(np.asarray(image.convert("RGBA"), dtype=np.uint8))
+        return np.asarray(image.convert("RGBA"), dtype=np.uint8).copy()  # composited (or kept) by `_read`
     try:
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except (ValueError, OSError) as error:
@@ -218,7 +246,7 @@ def _tensor_to_hwc(tensor: Any, limit: int) -> np.ndarray:
     return array.transpose(1, 2, 0) if channels_first else array
 
 
-def _array_to_rgb(array: np.ndarray, name: str, limit: int | None) -> np.ndarray:
+def _array_pixels(array: np.ndarray, name: str, limit: int | None) -> np.ndarray:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
@@ -228,9 +256,7 @@ def _array_to_rgb(array: np.ndarray, name: str, limit: int | None) -> np.ndarray
     array = _to_uint8(array, name)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
-    if array.shape[2] == 4:
-        return _composite_over_white(array)
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array)  # RGBA: composited (or kept) by `_read`
 
 
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
@@ -258,8 +284,8 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
-    """RGB uint8 (H, W, 3) array to a PIL image (mode RGB)."""
-    return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    """RGB uint8 (H, W, 3) array to a PIL image, mode RGB; a masked condition map (H, W, 4) to mode RGBA."""
+    return Image.fromarray(np.ascontiguousarray(image), mode="RGBA" if image.shape[-1] == 4 else "RGB")
 
 
 def reference_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:

@@ -23,13 +23,12 @@ import os
 import secrets
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controlkit.base_families import BaseFamily, base_components, family_of, pipeline_settings
+from controlkit.base_families import base_components, family_of, pipeline_settings
 from controlkit.conditioning import SizeConditioning, encode_conditioning
 from controlkit.control import (
     Control,
@@ -41,7 +40,8 @@ from controlkit.control import (
     prepare_control,
 )
 from controlkit.controlnet import check_fits
-from controlkit.errors import CheckpointError, ConfigError, ControlkitError
+from controlkit.errors import CheckpointError, ConfigError
+from controlkit.inpainting import check_masking, start_inpainting
 from controlkit.generation_options import (
     GenerationWarning,
     check_generation_options,
@@ -52,6 +52,7 @@ from controlkit.generation_options import (
     output_size,
     size_note,
 )
+from controlkit.pixels import decode, pixel_vae
 from controlkit.sampling import MAX_STEPS
 from controlkit.sd_pipelines import pipeline_from_components
 from controlkit.sd_pipelines import load_base, quiet_loading  # noqa: F401  public here too (controlkit.load_base)
@@ -65,11 +66,6 @@ if TYPE_CHECKING:
 #: keeps its padding and truncation settings on the shared object and diffusers' `encode_prompt` changes them
 #: between its calls (max_length, then longest), so two generations encoding at once could pad each other's prompt.
 _PROMPT_LOCK = threading.Lock()
-#: float32 copies of float16 VAEs that must not run in float16 (`BaseFamily.upcast_vae`), by VAE, with the
-#: versions of its parameters they were copied at (an in-place change of the VAE's weights makes a new copy).
-#: The caller's VAE is never converted in place: other threads may be using it.
-_FLOAT32_VAES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_FLOAT32_VAES_LOCK = threading.Lock()
 
 
 @dataclass
@@ -103,6 +99,8 @@ def generate(
     height: int | None = None,
     resize_mode: str = "resize",
     init_image: Any = None,
+    mask: Any = None,
+    keep_unmasked: bool = True,
     strength: float = 0.75,
     eta: float = 0.0,
     output_type: str = "pil",
@@ -138,6 +136,12 @@ def generate(
             (`GenerationWarning`).
         resize_mode: how control and init images of another size are fitted: "resize", "crop" or "fill".
         init_image: a starting image for img2img; None for text-to-image.
+        mask: inpainting (`controlkit.inpainting`): an image, white where `init_image` is repainted and black
+            where it is kept (grey >= 128 repaints), fitted to the output size as the init image is. Controls
+            whose preprocessor takes a mask (the "inpaint" entry) get it too. With strength 1 (diffusers'
+            inpaint default) the masked region starts from pure noise.
+        keep_unmasked: with a mask, put the init image's own pixels back outside it (default); False returns
+            the decoded image everywhere, as diffusers' inpaint pipelines do.
         strength: img2img noise strength in (0, 1]; 1 ignores the init image's content.
         eta: DDIM eta in [0, 1] (ignored by other schedulers).
         output_type: "pil", "np", "pt" or "latent".
@@ -162,6 +166,7 @@ def generate(
 
     if not isinstance(compile, bool):
         raise ConfigError(f"`compile` must be True or False, got {compile!r}")
+    check_masking(mask, init_image, keep_unmasked)
     defaults = generation_defaults(base)
     steps = defaults["steps"] if steps is None else steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -177,7 +182,7 @@ def generate(
     check_integer(steps, "`steps`", 1, min(MAX_STEPS, train_steps - 1), " (fewer than the base's training timesteps)")
     scheduler_object = make_scheduler(scheduler, parts["scheduler"].config)
     controls = check_inputs(prompt, negative_prompt, controls)
-    pictures = [load_image(control.image) for control in controls]
+    pictures = [_read_control_image(control) for control in controls]
     init = None if init_image is None else load_image(init_image)
     native = native_size(base)
     reference, origin = (pictures[0], "the first control image's") if pictures else (init, "the init image's")
@@ -187,21 +192,28 @@ def generate(
     elif reference is None:
         origin = "the base's native"
     check_working_size(size, num_images, origin=origin)  # before a preprocessor runs on a huge image
-    maps = [_condition_map(control, picture) for control, picture in zip(controls, pictures)]
+    mask_grey = None if mask is None else _fitted_mask(mask, size, resize_mode)
+    maps = [_condition_map(control, picture, mask) for control, picture in zip(controls, pictures)]
     note = size_note(size, native)
     if note:
         warnings.warn(note, GenerationWarning, stacklevel=2)
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     generator = torch.Generator("cpu").manual_seed(seed)
     # this call's own scheduler over the shared modules (and a float32 VAE where the family needs one)
-    pipe = pipeline_from_components({**parts, "scheduler": scheduler_object, "vae": _pixel_vae(parts["vae"], family)},
-                                    img2img=init is not None, settings=pipeline_settings(base, family))
+    pipe = pipeline_from_components({**parts, "scheduler": scheduler_object, "vae": pixel_vae(parts["vae"], family)},
+                                    img2img=init is not None, inpaint=mask is not None,
+                                    settings=pipeline_settings(base, family))
     guided = guidance_scale > 1.0
     with torch.no_grad():
         with _PROMPT_LOCK:
             conditioning = encode_conditioning(pipe, family, prompt, negative_prompt, num_images, guided, size, sizes)
-        timesteps, latents = _start(pipe, init, size, resize_mode, steps, strength, num_images, conditioning.text,
-                                    generator)
+        masking = None
+        if mask_grey is None:
+            timesteps, latents = _start(pipe, init, size, resize_mode, steps, strength, num_images,
+                                        conditioning.text, generator)
+        else:
+            timesteps, latents, masking = start_inpainting(pipe, fit_image(init, size, resize_mode), mask_grey, steps,
+                                                           strength, num_images, conditioning.text, generator, guided)
         prepared = [
             _prepare(control, fit_image(image, size, resize_mode), unet, device, dtype, base.vae_scale_factor, index,
                      num_images * (2 if guided and not control.conditional_side_only else 1))
@@ -213,9 +225,11 @@ def generate(
             _use_compiled(running, device)
         latents = denoise(
             _compiled_unet(unet) if compile else unet, pipe.scheduler, latents, timesteps, conditioning, running,
-            guidance_scale=guidance_scale, step_kwargs=step_kwargs, on_step=on_step,
+            guidance_scale=guidance_scale, step_kwargs=step_kwargs, on_step=on_step, masking=masking,
         )
-        images = _decode(pipe, latents, output_type, generator)
+        images = decode(pipe, latents, output_type, generator)
+        if masking is not None and keep_unmasked:
+            images = masking.paste(images, output_type)
     settings = {
         "prompt": prompt, "negative_prompt": negative_prompt or "", "steps": steps, "guidance_scale": guidance_scale,
         "seed": seed, "scheduler": scheduler, "width": size[0], "height": size[1], "num_images": num_images,
@@ -226,6 +240,8 @@ def generate(
         settings.update({key: list(value) if value is not None else None for key, value in vars(sizes).items()})
     if compile:
         settings["compile"] = True
+    if mask is not None:
+        settings.update(mask=True, keep_unmasked=keep_unmasked)
     return GenerationResult(images, seed, settings)
 
 
@@ -248,38 +264,35 @@ def _use_compiled(prepared: list[PreparedControl], device: Any) -> None:
             item.scale_tensor = torch.tensor(item.scales, dtype=torch.float32, device=device)
 
 
-def _pixel_vae(vae: Any, family: BaseFamily) -> Any:
-    """The VAE to encode and decode pixels with: `vae` itself, or a float32 copy of it (made once per VAE and kept
-    while the VAE lives) when it is float16 and the family and its config say it overflows there, or bfloat16,
-    whose 8-bit mantissa bands smooth gradients in the decoded image (a bfloat16 base speeds up the U-Net and
-    ControlNets; the VAE runs once per image and keeps float32's quality)."""
-    import torch
+def _read_control_image(control: Control) -> np.ndarray:
+    """A control's image: a condition map keeps its masked region (`load_condition`), as does the photo of a
+    preprocessor that reads masks; other photos are read as photos (`load_image`)."""
+    from controlkit.image import load_condition, load_image
 
-    overflows = family.upcast_vae and vae.dtype == torch.float16 and vae.config.get("force_upcast", True)
-    if not (overflows or vae.dtype == torch.bfloat16):
-        return vae
-    versions = tuple(parameter._version for parameter in vae.parameters())
-    with _FLOAT32_VAES_LOCK:
-        kept = _FLOAT32_VAES.get(vae)
-        if kept is None or kept[0] != versions:
-            kept = (versions, _float32_copy(vae))
-            _FLOAT32_VAES[vae] = kept
-    return kept[1]
+    takes_mask = control.preprocessor is None or getattr(control.preprocessor, "takes_mask", False)
+    return (load_condition if takes_mask else load_image)(control.image)
 
 
-def _float32_copy(vae: Any) -> Any:
-    """A float32 copy of a VAE (built from its config and given its weights: `.to(dtype)` on a diffusers model
-    with float32-only modules warns)."""
-    duplicate = type(vae).from_config(vae.config)
-    duplicate.load_state_dict({key: value.float() for key, value in vae.state_dict().items()})
-    return duplicate.to(vae.device).eval().requires_grad_(False)
+def _condition_map(control: Control, image: np.ndarray, mask: Any) -> np.ndarray:
+    """The control's condition map, uint8 (H, W, 3), or (H, W, 4) with a masked region: the image itself, or the
+    preprocessor's output (given the generation's `mask` when it takes one)."""
+    from controlkit.image import load_condition
+
+    if control.preprocessor is None:
+        return image
+    if mask is not None and getattr(control.preprocessor, "takes_mask", False):
+        return load_condition(control.preprocessor(image, mask=mask))
+    return load_condition(control.preprocessor(image))
 
 
-def _condition_map(control: Control, image: np.ndarray) -> np.ndarray:
-    """The control's condition map as RGB uint8 (H, W, 3): the image itself, or the preprocessor's output."""
-    from controlkit.image import load_image
+def _fitted_mask(mask: Any, size: tuple[int, int], resize_mode: str) -> np.ndarray:
+    """The mask as grey uint8 (H, W) at the output size, fitted as the init image is; ConfigError if it repaints
+    nothing."""
+    from controlkit.masks import check_repaints, load_mask
 
-    return image if control.preprocessor is None else load_image(control.preprocessor(image))
+    grey = fit_image(load_mask(mask)[..., None], size, resize_mode)[..., 0]
+    check_repaints(grey)
+    return grey
 
 
 def _start(
@@ -323,31 +336,6 @@ def _prepare(
             f"{vae_factor}; use a ControlNet made for this base"
         )
     return prepare_control(control, condition, device, dtype, batch)
-
-
-def _decode(pipe: Any, latents: torch.Tensor, output_type: str, generator: torch.Generator) -> Any:
-    import torch
-
-    if not torch.isfinite(latents).all():
-        raise ControlkitError(
-            f"generation produced NaN/inf latents in {latents.dtype}; run in float32 or bfloat16 instead"
-        )
-    if output_type == "latent":
-        return latents
-    vae = pipe.vae
-    latents = latents.to(vae.dtype)
-    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-    if mean is not None and std is not None:  # VAEs with per-channel latent statistics, as diffusers' SDXL decode
-        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    decoded = vae.decode(latents, return_dict=False, generator=generator)[0]
-    if not torch.isfinite(decoded).all():
-        raise ControlkitError(
-            f"the VAE produced NaN/inf pixels in {decoded.dtype}; decode in float32 (an fp16 VAE overflows)"
-        )
-    return pipe.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=[True] * len(decoded))
 
 
 def output_paths(output: str | os.PathLike, num_images: int, what: str = "output") -> list[Path]:

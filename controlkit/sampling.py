@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
     from controlkit.conditioning import Conditioning
+    from controlkit.inpainting import Masking
 
 #: Scheduler names -> (diffusers class, config overrides). Each is built with `from_config` from the base's
 #: scheduler config, so the base's noise schedule (betas, prediction type) is kept.
@@ -68,6 +69,7 @@ def denoise(
     guidance_scale: float,
     step_kwargs: dict[str, Any],
     on_step: Callable[[int, int], None] | None = None,
+    masking: Masking | None = None,
 ) -> torch.Tensor:
     """Run the denoising steps and return the final latents.
 
@@ -79,6 +81,8 @@ def denoise(
         controls: prepared controls (their residuals are summed into the U-Net's skips).
         step_kwargs: extra `scheduler.step` arguments (eta, generator) from diffusers' `prepare_extra_step_kwargs`.
         on_step: called as on_step(steps done, steps in all) after each step (a progress bar).
+        masking: inpainting (`controlkit.inpainting`): the mask and masked latents join an inpainting U-Net's
+            input, and a plain base's kept region is blended back after each step.
     """
     import torch
 
@@ -93,7 +97,7 @@ def denoise(
         )
         # 3. the frozen U-Net with the residuals added to its skip connections and middle block
         noise = unet(
-            model_input, timestep, encoder_hidden_states=conditioning.text, added_cond_kwargs=conditioning.added,
+            model_input if masking is None else masking.unet_input(model_input), timestep, encoder_hidden_states=conditioning.text, added_cond_kwargs=conditioning.added,
             down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
         )[0]
         # 4. classifier-free guidance
@@ -102,6 +106,8 @@ def denoise(
             noise = unconditional + guidance_scale * (conditional - unconditional)
         # 5. one scheduler step x_t -> x_{t-1}
         latents = scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
+        if masking is not None:
+            latents = masking.blend(latents, step, scheduler)
         if on_step is not None:
             on_step(step + 1, len(timesteps))
     return latents

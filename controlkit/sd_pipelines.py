@@ -37,15 +37,16 @@ SETTINGS_KEYS = ("steps", "guidance_scale")
 
 
 def pipeline_from_components(
-    components: Mapping[str, Any], *, img2img: bool = False, settings: Mapping[str, Any] | None = None
+    components: Mapping[str, Any], *, img2img: bool = False, inpaint: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> Any:
-    """A text-to-image (or img2img) pipeline of the components' family (`controlkit.base_families.family_of`)
+    """A text-to-image (img2img, inpaint) pipeline of the components' family (`controlkit.base_families.family_of`)
     over ready modules (the family's `components`; other keys are ignored). Cheap: the modules are shared, not
     copied. `settings`: the family's pipeline config values (`BaseFamily.config_keys`) to keep from a base."""
     import diffusers
 
     family = family_of(components)
-    cls = getattr(diffusers, family.img2img if img2img else family.text2img)
+    cls = getattr(diffusers, family.inpaint if inpaint else family.img2img if img2img else family.text2img)
     return cls(**{name: components[name] for name in family.components}, **family.options, **(settings or {}))
 
 

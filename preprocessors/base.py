@@ -2,7 +2,9 @@
 
 - Input: anything `controlkit.image.load_image` accepts (path, bytes, PIL, numpy, tensor), or a list of them.
 - Output: a PIL image, mode RGB (uint8), the same size as the input unless `output_size` is given; a list in
-  gives a list out. Edge and line maps are white lines on black.
+  gives a list out. Edge and line maps are white lines on black. A map with a masked region (inpaint) is mode
+  RGBA, alpha 0 on the masked pixels (`controlkit.image.load_condition` reads it back, `condition_tensor` makes
+  them -1).
 - Deterministic: the same input and parameters give the same map.
 - `detect_resolution`, where the reference annotator has one, is the size (short side, rounded to 64 by the
   reference `resize_image`) at which the detector runs; the map is then resized back with bilinear
@@ -54,6 +56,8 @@ class Preprocessor(abc.ABC):
     #: Resize the map back with nearest-neighbour instead of bilinear (binary or label-like maps); may be set
     #: per instance (softedge does for scribble maps).
     nearest_resize: bool = False
+    #: The entry takes `mask=` when called (inpaint): `generate(..., mask=...)` hands it the generation's mask.
+    takes_mask: ClassVar[bool] = False
 
     detect_resolution: int | None = None
 
@@ -122,9 +126,9 @@ class Preprocessor(abc.ABC):
             raise TypeError(f"{type(self).__name__}.detect returned {condition.dtype}, expected uint8")
         if condition.ndim == 2:
             condition = condition[..., None]
-        if condition.ndim != 3 or condition.shape[2] not in (1, 3):
+        if condition.ndim != 3 or condition.shape[2] not in (1, 3, 4):
             raise TypeError(f"{type(self).__name__}.detect returned shape {condition.shape}")
-        condition = resize_to(condition, size, nearest=self.nearest_resize)
+        condition = resize_to(condition, size, nearest=self.nearest_resize or condition.shape[2] == 4)
         if condition.shape[2] == 1:
             condition = np.repeat(condition, 3, axis=2)
         return np.ascontiguousarray(condition)

@@ -128,6 +128,11 @@ PREPROCESSORS: dict[str, PreprocessorSpec] = {
             "none", "Apache-2.0 (OpenCV)",
         ),
         PreprocessorSpec(
+            "inpaint", "preprocessors.inpaint:InpaintPreprocessor",
+            "ControlNet 1.1 inpaint condition: the image with its masked pixels set to -1 (mask, alpha or random)",
+            "none", "Apache-2.0 (method, ControlNet 1.1)",
+        ),
+        PreprocessorSpec(
             "aux", "preprocessors.controlnet_aux_backend:AuxPreprocessor",
             "any controlnet_aux detector by name (needs controlnet_aux, which needs a CUDA torch)",
             "controlnet_aux weights folder (local)", "per detector (see controlnet_aux)",

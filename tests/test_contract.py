@@ -1,7 +1,7 @@
 """One contract test over every registry entry (and every learned variant, with randomly initialised networks
 of the real architecture injected through the constructor).
 
-The contract (preprocessors/base.py): PIL RGB uint8 out, the size of the input unless asked otherwise, a list in
+The contract (preprocessors/base.py): PIL RGB uint8 out (RGBA for a masked inpaint map), the size of the input unless asked otherwise, a list in
 gives a list out, deterministic, PIL and numpy inputs give the same map.
 """
 
@@ -92,6 +92,8 @@ FACTORIES: dict[tuple[str, str], Callable[[], Preprocessor]] = {
     ("scribble", "xdog"): lambda: get_preprocessor("scribble", detect_resolution=128),
     ("scribble", "hed"): lambda: get_preprocessor("scribble", method="hed", detect_resolution=128),
     ("mlsd", "default"): lambda: get_preprocessor("mlsd", detect_resolution=128),
+    ("inpaint", "unmasked"): lambda: get_preprocessor("inpaint"),
+    ("inpaint", "random_mask"): lambda: get_preprocessor("inpaint", random_mask=4),
 }
 #: Entries that cannot run on a CPU-only machine, and why.
 NOT_RUNNABLE_HERE = {"aux": "controlnet_aux needs torchvision/timm, i.e. a CUDA torch"}
@@ -125,7 +127,9 @@ def test_contract(key, photo, instances):
     preprocessor = _instance(instances, key)
     assert preprocessor.name == key[0]
     condition = preprocessor(photo)
-    assert isinstance(condition, Image.Image) and condition.mode == "RGB"
+    # RGBA only for a map with a masked region, from an entry that makes them (inpaint)
+    assert isinstance(condition, Image.Image)
+    assert condition.mode == "RGB" or (condition.mode == "RGBA" and preprocessor.takes_mask)
     assert condition.size == (photo.shape[1], photo.shape[0])
     array = np.asarray(condition)
     assert array.dtype == np.uint8
@@ -151,7 +155,7 @@ def test_edge_maps_are_white_on_black(photo):
 
 
 def test_unknown_names_and_parameters_list_the_valid_ones():
-    with pytest.raises(ValueError, match="Available: aux, canny, depth, lineart, mlsd, normal, pose, scribble, shuffle, softedge, tile"):
+    with pytest.raises(ValueError, match="Available: aux, canny, depth, inpaint, lineart, mlsd, normal, pose, scribble, shuffle, softedge, tile"):
         get_preprocessor("hed")
     with pytest.raises(ValueError, match="Valid: .*detect_resolution.*safe.*scribble"):
         get_preprocessor("softedge", sharp=True)

@@ -80,6 +80,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-images", type=int, default=1, help="images in one batch")
     parser.add_argument("--init-image", help="start from this image (img2img)")
     parser.add_argument("--strength", type=float, default=0.75, help="img2img noise strength in (0, 1]")
+    parser.add_argument("--mask", help="inpaint: white where --init-image is repainted, black where it is kept "
+                        "(the inpaint preprocessor's controls get it too; --strength 1 starts the region from noise)")
+    parser.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --mask, put the init image's own pixels back outside it (default: yes)")
     parser.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:N, mps); cuda if available, "
                         "else cpu")
     parser.add_argument("--dtype", default=AUTO, choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
@@ -124,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         usable_device(args.device, "--device")
     paths = output_paths(args.output, args.num_images, "-o")
     photos, init = _read_images(images, args.init_image)
+    mask = _read_mask(args)
     _check_size(args, photos, init)
     device, dtype = device_and_dtype(args.device, args.dtype)
     quiet_loading()
@@ -140,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         base, args.prompt, controls, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
         width=args.width, height=args.height, resize_mode=args.resize_mode, init_image=init, strength=args.strength,
-        compile=args.compile, **sizes,
+        mask=mask, keep_unmasked=args.keep_unmasked, compile=args.compile, **sizes,
     )
     record = {**result.settings, "base": str(args.base), "controls": _describe(images, controlnets, controls)}
     written = save_images(result.images, paths, record)
@@ -166,11 +171,25 @@ def _size_conditioning(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_images(images: dict[str, str], init_image: str | None) -> tuple[dict[str, Any], Any]:
-    """Every control image and the init image, read (and refused one line each) before a model loads."""
-    from controlkit.image import load_image
+    """Every control image and the init image, read (and refused one line each) before a model loads. Control
+    images keep a masked region (an inpaint map, or a photo with the region to repaint erased)."""
+    from controlkit.image import load_condition, load_image
 
-    photos = {name: load_image(path) for name, path in images.items()}
+    photos = {name: load_condition(path) for name, path in images.items()}
     return photos, None if init_image is None else load_image(init_image)
+
+
+def _read_mask(args: argparse.Namespace) -> Any:
+    """--mask read and checked with --init-image before a model loads (None without --mask)."""
+    from controlkit.inpainting import check_masking
+    from controlkit.masks import check_repaints, load_mask
+
+    check_masking(args.mask, args.init_image, args.keep_unmasked)
+    if args.mask is None:
+        return None
+    grey = load_mask(args.mask)
+    check_repaints(grey, "--mask")
+    return grey
 
 
 def _check_size(args: argparse.Namespace, photos: dict[str, Any], init: Any) -> None:

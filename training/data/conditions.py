@@ -210,13 +210,13 @@ class ConditionCache:
         return self.root / folder / f"{name}.png"
 
     def get(self, path: Path) -> np.ndarray | None:
-        from controlkit.image import load_image
+        from controlkit.image import load_condition
 
         if not path.is_file():
             self.misses += 1
             return None
         try:
-            condition = load_image(path)
+            condition = load_condition(path)
         except ImageError:
             self.misses += 1
             return None
@@ -224,10 +224,14 @@ class ConditionCache:
         return condition
 
     def put(self, path: Path, condition: np.ndarray, function_key: str) -> None:
-        """Store one map (RGB uint8). Raises OutputError when the cache cannot be written (nothing half-written)."""
+        """Store one map (uint8 RGB, or RGBA with a masked region). Raises OutputError when the cache cannot be
+        written (nothing half-written)."""
         import cv2
 
-        ok, encoded = cv2.imencode(".png", condition[..., ::-1])  # RGB -> OpenCV's BGR order
+        import numpy as np
+
+        order = [2, 1, 0, 3][: condition.shape[2]]  # RGB(A) -> OpenCV's BGR(A) order
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(condition[..., order]))
         if not ok:
             raise ControlkitError(f"{path}: could not encode the condition map as PNG")
         label = path.parent / "key.txt"  # which preprocessor and parameters the folder's maps came from

@@ -341,16 +341,16 @@ def read_source(reference: Any, role: str) -> Any:
 
 
 def read_image(source: Any, role: str) -> np.ndarray:
-    """`load_image` with the role ("image" or "condition") in the error message: every failure to read or decode
-    one file (an `ImageError`) is that pair's one-line problem.
+    """`load_image` (a "condition": `load_condition`) with the role in the error message: every failure to read or
+    decode one file (an `ImageError`) is that pair's one-line problem.
 
     Returns:
-        (H, W, 3) uint8 RGB.
+        (H, W, 3) uint8 RGB; a condition with a masked region (inpaint) (H, W, 4).
     """
-    from controlkit.image import load_image
+    from controlkit.image import load_condition, load_image
 
     try:
-        return load_image(source)
+        return (load_condition if role == "condition" else load_image)(source)
     except ControlkitError as error:
         raise ControlkitError(f"{role}: {error}") from None
 
@@ -399,10 +399,10 @@ def _resize_short_side(image: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def _as_map(condition: Any, image: np.ndarray) -> np.ndarray:
-    """A condition function's output as RGB uint8 of the image's size."""
+    """A condition function's output as uint8 of the image's size: RGB, or RGBA with a masked region."""
     import numpy as np
 
-    from controlkit.image import load_image
+    from controlkit.image import load_condition
 
-    condition = load_image(np.asarray(condition))
+    condition = load_condition(np.asarray(condition))
     return _match_size(condition, image)
