@@ -345,8 +345,9 @@ def save_controlnet(
     if original:
         union.refuse_original(controlnet, str(directory))
     config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
-    if config.get("global_pool_conditions") and not metadata.global_pooling:  # the model's setting wins
-        metadata = replace(metadata, global_pooling=True)
+    if config.get("global_pool_conditions") or metadata.global_pooling:  # the model's setting wins
+        # pooled outputs act on the conditional side only (1.1 shuffle), as reading one records
+        metadata = replace(metadata, global_pooling=True, conditional_only=True)
     config["global_pool_conditions"] = metadata.global_pooling
     state_dict = {key: value.detach().contiguous() for key, value in controlnet.state_dict().items()}
     header = {"format": "pt", **metadata.to_metadata()}

@@ -46,6 +46,7 @@ def build_controlnet(
     *,
     conditioning_channels: int = 3,
     conditioning_embedding_out_channels: Sequence[int] = CONDITIONING_STAGES,
+    global_pooling: bool = False,
 ) -> ControlNetModel:
     """A new ControlNet for `unet` (SD1.x, SD2.x, SDXL or any `UNet2DConditionModel`).
 
@@ -59,14 +60,20 @@ def build_controlnet(
         conditioning_embedding_out_channels: channels of the conditioning encoder's stages; each stage after the
             first halves the resolution, so the default four stages take a map at image size (H, W) to latent size
             (H / 8, W / 8), matching SD's VAE.
+        global_pooling: average each output over its height and width (ControlNet 1.1 shuffle's
+            `global_average_pooling`): the control then carries global content (colours, style), not layout, and
+            acts on the conditional side of guidance only at generation.
     """
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(
+    controlnet = ControlNetModel.from_unet(
         unet,
         conditioning_channels=conditioning_channels,
         conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
     )
+    if global_pooling:  # from_unet has no such argument; diffusers' forward reads the config entry
+        controlnet.register_to_config(global_pool_conditions=True)
+    return controlnet
 
 
 def conditioning_stages(vae: Any) -> tuple[int, ...]:

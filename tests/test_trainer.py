@@ -246,3 +246,23 @@ def test_bf16_mixed_precision_keeps_trained_weights_in_float32(world, tmp_path):
     assert all(math.isfinite(loss) for loss in state.losses)
     assert (tmp_path / "run" / "validation" / "step-00000002.png").is_file()
     assert {p.dtype for p in run.recipe.parts.controlnet.parameters()} == {torch.float32}
+
+
+def test_global_pooling_trains_a_pooled_controlnet_that_acts_on_the_conditional_side(world, tmp_path):
+    """1.1 shuffle's global average pooling: each residual the trained ControlNet gives is constant over the
+    image, the exported model and its metadata say so, and generation applies it on the conditional side only."""
+    from controlkit.checkpoint import load_controlnet
+    from controlkit.control import Control
+
+    base, data = world
+    output = tmp_path / "run"
+    assert train(tiny_config(base, data, output, "train.max_steps=2", "model.global_pooling=true")).output
+    controlnet, metadata = load_controlnet(output / "controlnet")
+    assert controlnet.config.global_pool_conditions and metadata.global_pooling and metadata.conditional_only
+    sample = torch.randn(1, 4, 8, 8)
+    down, mid = controlnet(sample, 10, encoder_hidden_states=torch.randn(1, 77, 32),
+                           controlnet_cond=torch.rand(1, 3, 16, 16), return_dict=False)
+    assert all(residual.shape[2:] == (1, 1) for residual in (*down, mid))
+    assert Control(torch.rand(3, 16, 16), controlnet).conditional_side_only
+    with pytest.raises(ConfigError, match="model.global_pooling"):
+        tiny_config(base, data, output, "model.global_pooling=true", f"model.controlnet={output / 'controlnet'}")

@@ -47,6 +47,8 @@ class ModelConfig:
     conditioning_channels: int = option(3, "channels of the condition map fed to the ControlNet")
     unlock_decoder: bool = option(False, "also train the U-Net decoder and output layers (sd_locked=False)")
     only_mid_control: bool = option(False, "add only the middle-block control to the U-Net")
+    global_pooling: bool = option(False, "average each ControlNet output over the image (1.1 shuffle): global "
+                                  "content, not layout; a new ControlNet only")
     from_scratch: bool = option(True, "base/vae kind: start the U-Net/VAE from random weights, config from model.base")
     train_text_encoder: bool = option(False, "base kind: train the text encoder together with the U-Net")
     prediction_type: str = option("", "target: 'epsilon' or 'v_prediction'; empty: the base scheduler's")

@@ -114,10 +114,13 @@ def _model_rules(config: TrainConfig, need: Need) -> None:
     if model.kind == "controlnet":
         need(bool(model.condition.strip()), "model.condition", "must name the condition (e.g. canny) of a ControlNet")
         need(not model.train_text_encoder, "model.train_text_encoder", "applies to model.kind = 'base' only")
+        need(not (model.global_pooling and model.controlnet), "model.global_pooling",
+             "applies to a new ControlNet only; a ControlNet continued from model.controlnet keeps its own setting")
     else:
         need(not model.controlnet, "model.controlnet", "must be empty when model.kind is 'base'")
         need(not model.unlock_decoder, "model.unlock_decoder", "applies to model.kind = 'controlnet' only")
         need(not model.only_mid_control, "model.only_mid_control", "applies to model.kind = 'controlnet' only")
+        need(not model.global_pooling, "model.global_pooling", "applies to model.kind = 'controlnet' only")
         need(model.kind == "base" or not model.train_text_encoder, "model.train_text_encoder",
              "applies to model.kind = 'base' only")
 

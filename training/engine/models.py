@@ -187,7 +187,8 @@ def _controlnet(config: "TrainConfig", unet: Any, vae: Any) -> Any:
     else:
         torch.manual_seed(config.train.seed)  # the conditioning encoder is the only randomly initialised part
         controlnet = build_controlnet(unet, conditioning_channels=config.model.conditioning_channels,
-                                      conditioning_embedding_out_channels=conditioning_stages(vae))
+                                      conditioning_embedding_out_channels=conditioning_stages(vae),
+                                      global_pooling=config.model.global_pooling)
     controlnet.requires_grad_(True)
     return controlnet.train()
 
