@@ -193,8 +193,8 @@ def test_controllability_uses_the_given_preprocessor_and_ssim(photo):
 
 
 def test_controllability_rejects_unknown_conditions_and_length_mismatch(photo):
-    with pytest.raises(ConfigError, match="no controllability metric for condition 'shuffle'.*known: canny"):
-        controllability("shuffle", [photo], [photo])
+    with pytest.raises(ConfigError, match="no controllability metric for condition 'segment'.*known: canny"):
+        controllability("segment", [photo], [photo])
     with pytest.raises(ConfigError, match="2 generated images but 1 input conditions"):
         controllability("canny", [photo, photo], [photo])
 

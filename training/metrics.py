@@ -18,6 +18,10 @@ which comparison each condition uses:
   the fraction of reference keypoints found (`extra["keypoints_found"]`). Reference keypoints come from an
   OpenPose JSON dict/file, or are read back from a drawn OpenPose map by its joint colours; the generated
   image's come from the preprocessor's `keypoints(image)`.
+- scribble, mlsd: edge F1 as canny, on the scribble or line-segment re-annotations.
+- tile, shuffle, inpaint: their maps are the image itself (downsampled, shuffled, with a hole), so the generated
+  image is compared with the reference image, not re-annotated (training/image_metrics.py): SSIM to the truth,
+  colour-histogram distance, RMSE inside the mask.
 
 The generated image is resized to the input condition's size before it is re-annotated, so both maps share
 one pixel grid.
@@ -35,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from controlkit.errors import ConfigError, ControlkitError
+from training.image_metrics import histogram_distance, image_ssim, masked_rmse
 
 #: Edge F1 tolerance in pixels (see the module docstring); 0 reproduces ControlNet++'s exact F1.
 DEFAULT_EDGE_TOLERANCE = 1
@@ -212,6 +217,8 @@ class MetricSpec:
     compare: Callable[[Any, Any], float | tuple[float, dict[str, float]]]
     higher_is_better: bool
     reads_keypoints: bool = False
+    #: Compare the generated image itself with the reference image (training/image_metrics.py), no re-annotation.
+    compares_image: bool = False
 
 
 #: Condition name (registry key) -> how its controllability is measured.
@@ -222,6 +229,11 @@ METRICS: dict[str, MetricSpec] = {
     "depth": MetricSpec("rmse", rmse, higher_is_better=False),
     "normal": MetricSpec("angular_error", angular_error, higher_is_better=False),
     "pose": MetricSpec("keypoint_distance", keypoint_distance, higher_is_better=False, reads_keypoints=True),
+    "scribble": MetricSpec("edge_f1", edge_f1, higher_is_better=True),
+    "mlsd": MetricSpec("edge_f1", edge_f1, higher_is_better=True),
+    "tile": MetricSpec("ssim_to_truth", image_ssim, higher_is_better=True, compares_image=True),
+    "shuffle": MetricSpec("histogram_distance", histogram_distance, higher_is_better=False, compares_image=True),
+    "inpaint": MetricSpec("masked_rmse", masked_rmse, higher_is_better=False, compares_image=True),
 }
 
 
@@ -257,7 +269,7 @@ def controllability(
             f"{len(generated_images)} generated images but {len(input_conditions)} input conditions; "
             "give one condition per image"
         )
-    if preprocessor is None:
+    if preprocessor is None and not spec.compares_image:
         from preprocessors.registry import get_preprocessor
 
         preprocessor = get_preprocessor(condition)
@@ -279,8 +291,12 @@ def controllability(
 
 
 def _score_one(spec: MetricSpec, preprocessor: Any, generated: Any, reference: Any) -> Any:
-    from controlkit.image import load_image, resize_to
+    from controlkit.image import load_condition, load_image, resize_to
 
+    if spec.compares_image:  # the reference is an image (inpaint: with its mask), compared as it is
+        reference_image = load_condition(reference)
+        size = (reference_image.shape[1], reference_image.shape[0])
+        return spec.compare(resize_to(load_image(generated), size), reference_image)
     if spec.reads_keypoints:
         reference_pose = _reference_pose(reference)
         size = (int(reference_pose["canvas_width"]), int(reference_pose["canvas_height"]))
