@@ -226,3 +226,28 @@ def test_the_command_line_inpaints_as_the_python_api(tmp_path, components, contr
     assert main([*common[:-4], "--mask", str(tmp_path / "mask.png"), "-o", str(out)]) == 1
     error = capsys.readouterr().err.strip()
     assert "`mask` needs `init_image`" in error and "--init-image" in error and len(error.splitlines()) == 1
+
+
+def test_training_pairs_keep_the_mask_from_files_from_the_preprocessor_and_through_the_cache(tmp_path, photo, mask):
+    import json
+
+    from training.data.dataset import PairedDataset, load_pairs, make_condition_fn
+
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    get_preprocessor("inpaint")(photo, mask=mask).save(tmp_path / "a_hole.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "condition": "a_hole.png", "prompt": "p"}) + "\n")
+    expected = reference_condition(photo, mask)[0]
+    from_file = PairedDataset(load_pairs(tmp_path / "m.jsonl"), resolution=64)[0]["conditioning_pixel_values"]
+    torch.testing.assert_close(from_file, expected, rtol=0, atol=0)
+    # computed per sample with a random mask (the demo recipe's), then read back from the condition cache
+    (tmp_path / "n.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "p"}) + "\n")
+    condition_fn = make_condition_fn("inpaint", {"random_mask": 9})
+    computed = [
+        PairedDataset(load_pairs(tmp_path / "n.jsonl"), resolution=64, condition_fn=condition_fn,
+                      cache_dir=tmp_path / "cache")[0]["conditioning_pixel_values"]
+        for _ in range(2)
+    ]
+    hole = np.asarray(get_preprocessor("inpaint", random_mask=9)(photo))
+    torch.testing.assert_close(computed[0], condition_tensor(hole)[0], rtol=0, atol=0)
+    torch.testing.assert_close(computed[1], computed[0], rtol=0, atol=0)
+    assert (computed[1] == -1).any() and len(list((tmp_path / "cache").rglob("*.png"))) == 1
