@@ -23,10 +23,16 @@ HISTOGRAM_BINS = 8
 
 
 def image_ssim(generated: np.ndarray, truth: np.ndarray) -> float:
-    """SSIM of the grey images (skimage: 7x7 window, data range 255); 1 for identical images."""
-    from training.metrics import ssim
+    """SSIM of the grey images (skimage: 7x7 window, data range 255, as `training.metrics.ssim`); 1 for identical
+    images."""
+    import cv2
+    from skimage.metrics import structural_similarity
 
-    return ssim(_rgb(generated), _rgb(truth))
+    first, second = (cv2.cvtColor(np.ascontiguousarray(_rgb(image)), cv2.COLOR_RGB2GRAY) for image in (generated, truth))
+    if first.shape != second.shape:
+        raise ControlkitError(f"images of different sizes: {first.shape[1]}x{first.shape[0]} and "
+                              f"{second.shape[1]}x{second.shape[0]}")
+    return float(structural_similarity(first, second, data_range=255))
 
 
 def histogram_distance(generated: np.ndarray, reference: np.ndarray) -> float:
