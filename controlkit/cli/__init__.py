@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from controlkit.errors import ControlkitError
 
 #: Subcommand modules under controlkit.cli, in the order `--help` lists them.
-COMMANDS = ("demo", "annotate", "preprocessors", "generate", "convert", "info", "dataset", "eval", "train", "ui")
+COMMANDS = (
+    "demo", "annotate", "preprocessors", "generate", "upscale", "convert", "info", "dataset", "eval", "train", "ui",
+)
 #: Commands that never run a model, so they skip choosing torch's thread count.
 NO_MODELS = ("preprocessors",)
 
