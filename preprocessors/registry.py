@@ -124,8 +124,9 @@ PREPROCESSORS: dict[str, PreprocessorSpec] = {
         ),
         PreprocessorSpec(
             "mlsd", "preprocessors.mlsd:MlsdPreprocessor",
-            "straight line segments (OpenCV's line segment detector, not the M-LSD network), 1 px white on black",
-            "none", "Apache-2.0 (OpenCV)",
+            "straight line segments, 1 px white on black: OpenCV's line segment detector; M-LSD with weights",
+            "none for opencv; M-LSD (model=mlsd): mlsd_large_512_fp32.pth as a local path",
+            "Apache-2.0 (OpenCV; M-LSD)",
         ),
         PreprocessorSpec(
             "inpaint", "preprocessors.inpaint:InpaintPreprocessor",

@@ -69,6 +69,14 @@ def _normal_bae() -> Preprocessor:
     return NormalPreprocessor(bae=NormalBAE().eval(), detect_resolution=64)
 
 
+def _mlsd_network() -> Preprocessor:
+    from preprocessors.mlsd import MlsdPreprocessor
+    from preprocessors.nets.mlsd import MLSDLarge
+
+    torch.manual_seed(0)
+    return MlsdPreprocessor(model="mlsd", network=MLSDLarge().eval(), detect_resolution=128)
+
+
 #: (entry, variant) -> a ready instance. Every registry entry that can run here appears at least once.
 FACTORIES: dict[tuple[str, str], Callable[[], Preprocessor]] = {
     ("canny", "default"): lambda: get_preprocessor("canny"),
@@ -92,6 +100,7 @@ FACTORIES: dict[tuple[str, str], Callable[[], Preprocessor]] = {
     ("scribble", "xdog"): lambda: get_preprocessor("scribble", detect_resolution=128),
     ("scribble", "hed"): lambda: get_preprocessor("scribble", method="hed", detect_resolution=128),
     ("mlsd", "default"): lambda: get_preprocessor("mlsd", detect_resolution=128),
+    ("mlsd", "network"): _mlsd_network,
     ("inpaint", "unmasked"): lambda: get_preprocessor("inpaint"),
     ("inpaint", "random_mask"): lambda: get_preprocessor("inpaint", random_mask=4),
 }
