@@ -1,4 +1,5 @@
-"""Helpers shared by subcommands: parsing `key=value` options and `NAME=VALUE` pairs, and notes."""
+"""Helpers shared by subcommands: the base and device flags, parsing `key=value` options and `NAME=VALUE` pairs,
+and notes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,25 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from controlkit.devices import AUTO, DTYPE_NAMES
 from preprocessors.registry import parse_param_value
+
+#: --dtype choices: auto (float16 on GPU, float32 on CPU) or a dtype name.
+DTYPES = (AUTO, *DTYPE_NAMES)
+
+
+def add_base_flags(parser: argparse.ArgumentParser) -> None:
+    """--base (required) and --base-config, as every command that generates takes them."""
+    parser.add_argument("--base", required=True,
+                        help="diffusers folder or single-file checkpoint of the base, or demo (the shipped demo base)")
+    parser.add_argument("--base-config", help="for a single-file base: a diffusers folder with its config files")
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype."""
+    parser.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:N, mps); cuda if available, "
+                        "else cpu")
+    parser.add_argument("--dtype", default=AUTO, choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

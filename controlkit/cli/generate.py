@@ -6,8 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from controlkit.cli.common import HelpFormatter, parse_named
-from controlkit.devices import AUTO, DTYPE_NAMES
+from controlkit.cli.common import HelpFormatter, add_base_flags, add_device_flags, parse_named
 from controlkit.errors import ConfigError
 
 EPILOG = """examples:
@@ -23,8 +22,6 @@ EPILOG = """examples:
       --controlnet edges=models/union-promax --control edges=edges.png --control-type depth=depth \\
       --control-type edges=canny                               # one ControlNet-Union model, two control types
 """
-
-DTYPES = (AUTO, *DTYPE_NAMES)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,9 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("prompt", help="the text prompt")
-    parser.add_argument("--base", required=True,
-                        help="diffusers folder or single-file checkpoint of the base, or demo (the shipped demo base)")
-    parser.add_argument("--base-config", help="for a single-file base: a diffusers folder with its config files")
+    add_base_flags(parser)
     parser.add_argument("--controlnet", action="append", metavar="NAME=PATH",
                         help="a ControlNet (repeatable): a folder or file, or demo:CONDITION (e.g. demo:canny)")
     parser.add_argument("--control", action="append", metavar="NAME=IMAGE", help="its condition image (repeatable)")
@@ -84,9 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(the inpaint preprocessor's controls get it too; --strength 1 starts the region from noise)")
     parser.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=True,
                         help="with --mask, put the init image's own pixels back outside it (default: yes)")
-    parser.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:N, mps); cuda if available, "
-                        "else cpu")
-    parser.add_argument("--dtype", default=AUTO, choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
+    add_device_flags(parser)
     parser.add_argument("--compile", action="store_true",
                         help="compile the U-Net and ControlNets (torch.compile; the first run pays the compilation)")
     sdxl = parser.add_argument_group("SDXL micro-conditioning (diffusers' (height, width) and (top, left) order)")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from controlkit.cli.common import HelpFormatter
-from controlkit.cli.generate import DTYPES, FLAGS
-from controlkit.devices import AUTO
+from controlkit.cli.common import HelpFormatter, add_base_flags, add_device_flags
+from controlkit.cli.generate import FLAGS
 from controlkit.errors import ConfigError
 
 EPILOG = """examples:
@@ -35,9 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("image", help="the image to upscale")
-    parser.add_argument("--base", required=True,
-                        help="diffusers folder or single-file checkpoint of the base, or demo (the shipped demo base)")
-    parser.add_argument("--base-config", help="for a single-file base: a diffusers folder with its config files")
+    add_base_flags(parser)
     parser.add_argument("--controlnet", required=True, metavar="PATH",
                         help="the tile ControlNet: a folder or file, or demo:CONDITION")
     parser.add_argument("--prompt", default="", help="the text prompt")
@@ -58,9 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--control-scale", type=float, default=1.0, help="the ControlNet's strength")
     parser.add_argument("--preprocess", action="store_true",
                         help="make the condition with the preprocessor the checkpoint names (else tile)")
-    parser.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:N, mps); cuda if available, "
-                        "else cpu")
-    parser.add_argument("--dtype", default=AUTO, choices=DTYPES, help="auto: float16 on GPU, float32 on CPU")
+    add_device_flags(parser)
     parser.add_argument("-o", "--output", default="upscaled.png", help="output PNG")
     parser.set_defaults(run=run)
 

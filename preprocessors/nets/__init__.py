@@ -35,12 +35,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_state_dict_into(network: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str,
                          path: str | os.PathLike) -> None:
-    """Load `state` with strict key and shape checks; a mismatch raises one line that lists the keys.
+    """Load `state` with strict key and shape checks (missing BatchNorm step counters are zeros); a mismatch
+    raises one line that lists the keys.
 
     Raises:
         CheckpointError: missing keys, unexpected keys or shape mismatches, with the first few of each.
     """
+    import torch
+
     expected = network.state_dict()
+    # BatchNorm step counters play no part in inference: files without them (written before PyTorch 0.4.1, or
+    # saved without buffers) are still complete.
+    state = {**{key: torch.zeros_like(value) for key, value in expected.items()
+                if key.endswith(".num_batches_tracked") and key not in state}, **state}
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

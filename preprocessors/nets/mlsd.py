@@ -186,10 +186,6 @@ def load_mlsd(path: str | os.PathLike) -> MLSDLarge:
     """
     network = MLSDLarge()
     state = read_state_dict(path)
-    for key, value in network.state_dict().items():
-        # BatchNorm step counters play no part in inference; files without them are still complete.
-        if key.endswith(".num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
     load_state_dict_into(network, state, what="M-LSD large (mlsd_large_512_fp32.pth)", path=path)
     return network.eval().requires_grad_(False)
 

@@ -141,10 +141,6 @@ def load_normalbae(path: str | os.PathLike) -> NormalBAE:
     """
     network = NormalBAE()
     state = read_normalbae_state(path)
-    for key, value in network.state_dict().items():
-        # Files written before PyTorch 0.4.1 lack BatchNorm's step counters; they play no part in inference.
-        if key.endswith(".num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)
     load_state_dict_into(network, state, what="NormalBAE (scannet.pt)", path=path)
     return network.eval()
 
