@@ -106,7 +106,7 @@ DEMO_WEIGHTS_DIR = Path(__file__).resolve().parent / "demo" / "weights"
 #: The short name of the demo base; "demo:NAME" names the demo ControlNet for condition NAME.
 DEMO_NAME = "demo"
 #: The conditions with a shipped demo ControlNet, in the order the demo shows them.
-DEMO_CONTROLNETS = ("canny", "lineart", "softedge", "pose", "depth", "normal")
+DEMO_CONTROLNETS = ("canny", "lineart", "softedge", "pose", "depth", "normal", "scribble", "tile", "shuffle", "inpaint")
 MODEL_KINDS = ("base", "controlnet")
 
 

@@ -6,6 +6,8 @@
     python -m controlkit.demo.recipe geometry           # the depth/normal/pose estimator that measures those three
     python -m controlkit.demo.recipe pack               # runs/demo -> controlkit/demo (float16 safetensors)
     python -m controlkit.demo.recipe all                # every step above, in order
+    python -m controlkit.demo.recipe unpack             # the shipped base -> runs/demo/base/model (float32), to
+                                                        # train one ControlNet again without the base's 40 min
 
 Every step is seeded; the trainings run with the shipped configs (training/configs/demo_*.toml), whose paths
 are relative to the repository root (run from there).
@@ -40,7 +42,7 @@ DATASETS = {
 }
 #: Folders whose images (with captions) train the VAE and the base model: manifest DATA_ROOT / "base.jsonl".
 BASE_FOLDERS = ("scenes", "figures", "circles")
-CONDITIONS = ("canny", "lineart", "softedge", "pose", "depth", "normal")
+CONDITIONS = ("canny", "lineart", "softedge", "pose", "depth", "normal", "scribble", "tile", "shuffle", "inpaint")
 TRAININGS = ("vae", "base") + CONDITIONS
 
 
@@ -69,6 +71,18 @@ def write_init(output: Path = RUNS_ROOT / "init") -> Path:
     return save_components(build_components(DEMO_CONFIG, seed=0), output)
 
 
+def unpack(package: Path = PACKAGE_ROOT, runs: Path = RUNS_ROOT) -> Path:
+    """The shipped base as the trainings' `model.base` (runs/demo/base/model, float32): the ControlNet configs
+    then run from a fresh clone without training the base first. Its weights are the shipped float16 ones."""
+    import torch
+
+    from controlkit.pipeline import load_base
+
+    target = runs / "base" / "model"
+    load_base(package / "base", torch_dtype=torch.float32).save_pretrained(target, safe_serialization=True)
+    return target
+
+
 def run_training(name: str) -> None:
     """`controlkit train training/configs/demo_<name>.toml`, in this process."""
     from training.config import load_config
@@ -81,8 +95,9 @@ def run_training(name: str) -> None:
     print(f"{name}: {result.step} steps in {time.perf_counter() - start:.0f} s -> {result.output}")
 
 
-def pack(runs: Path = RUNS_ROOT, package: Path = PACKAGE_ROOT) -> None:
-    """Copy the trained models into the package in float16: base/, controlnets/<condition>/, geometry/."""
+def pack(runs: Path = RUNS_ROOT, package: Path = PACKAGE_ROOT, controlnets: Sequence[str] | None = None) -> None:
+    """Copy the trained models into the package in float16: base/, controlnets/<condition>/, geometry/; with
+    `controlnets`, only those ControlNets (one retrained on the unpacked base)."""
     import shutil
 
     import torch
@@ -93,18 +108,20 @@ def pack(runs: Path = RUNS_ROOT, package: Path = PACKAGE_ROOT) -> None:
     from controlkit.pipeline import load_base
     from controlkit.sd_pipelines import write_recorded_settings
 
-    base = load_base(runs / "base" / "model", torch_dtype=torch.float16)
-    shutil.rmtree(package / "base", ignore_errors=True)
-    base.save_pretrained(package / "base", safe_serialization=True)
-    # the settings the demo base generates with (steps, guidance), read back by load_base
-    write_recorded_settings(package / "base", steps=DEMO_STEPS, guidance_scale=DEMO_GUIDANCE)
-    for condition in CONDITIONS:
+    if controlnets is None:
+        base = load_base(runs / "base" / "model", torch_dtype=torch.float16)
+        shutil.rmtree(package / "base", ignore_errors=True)
+        base.save_pretrained(package / "base", safe_serialization=True)
+        # the settings the demo base generates with (steps, guidance), read back by load_base
+        write_recorded_settings(package / "base", steps=DEMO_STEPS, guidance_scale=DEMO_GUIDANCE)
+    for condition in CONDITIONS if controlnets is None else controlnets:
         controlnet, metadata = load_controlnet(runs / condition / "controlnet", torch_dtype=torch.float16)
         shutil.rmtree(package / "controlnets" / condition, ignore_errors=True)
         save_controlnet(controlnet, package / "controlnets" / condition, metadata)
-    geometry = UNet2DModel.from_pretrained(runs / "geometry", torch_dtype=torch.float16)
-    shutil.rmtree(package / "geometry", ignore_errors=True)
-    geometry.save_pretrained(package / "geometry", safe_serialization=True)
+    if controlnets is None:
+        geometry = UNet2DModel.from_pretrained(runs / "geometry", torch_dtype=torch.float16)
+        shutil.rmtree(package / "geometry", ignore_errors=True)
+        geometry.save_pretrained(package / "geometry", safe_serialization=True)
     total = sum(path.stat().st_size for path in package.rglob("*") if path.is_file())
     print(f"packed {package}: {total / 2**20:.1f} MiB")
 
@@ -112,9 +129,15 @@ def pack(runs: Path = RUNS_ROOT, package: Path = PACKAGE_ROOT) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controlkit.demo.recipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("data", "init", "geometry", "pack", "all", *TRAININGS),
+    parser.add_argument("step", choices=("data", "init", "geometry", "pack", "all", "unpack", *TRAININGS),
                         help="the step to run (a training name runs training/configs/demo_<name>.toml)")
-    step = parser.parse_args(argv).step
+    parser.add_argument("--controlnets", help="pack: only these ControlNets (comma-separated), not the base")
+    args = parser.parse_args(argv)
+    step = args.step
+    only = None if args.controlnets is None else [name.strip() for name in args.controlnets.split(",")]
+    unknown = [name for name in only or () if name not in CONDITIONS]
+    if unknown:
+        parser.error(f"--controlnets: unknown {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}")
     try:
         if step in ("data", "all"):
             write_data()
@@ -128,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             train_geometry()
         if step in ("pack", "all"):
-            pack()
+            pack(controlnets=only)
+        if step == "unpack":
+            print(f"unpack: {unpack()}")
     except ControlkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

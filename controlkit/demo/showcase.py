@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,16 @@ DEMO_GUIDANCE = 2.0
 #: Conditions whose demo inputs are the renderer's ground truth (`exact_map`) and whose generated images the
 #: toy-world estimator re-annotates; the others (edges) go through their preprocessor both ways.
 EXACT_CONDITIONS = ("pose", "depth", "normal")
+#: Conditions whose training drew a parameter of its preprocessor at random per sample: the demo draws case i's
+#: map with these values over the metadata's (tile: a 4x downsampled scene; shuffle, inpaint: a seeded flow field
+#: and mask per case, seeds the training never drew from its own range's start).
+CASE_PARAMETERS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "tile": lambda case: {"down_sampling_rate": 4.0},
+    "shuffle": lambda case: {"seed": 7000 + case},
+    "inpaint": lambda case: {"random_mask": 7000 + case},
+}
+#: Conditions whose metric compares the generated image with the ground truth (training/image_metrics.py).
+TRUTH_REFERENCES = ("tile", "shuffle")
 
 
 @dataclass
@@ -45,9 +55,10 @@ class DemoCase:
     """One input: the ground-truth render, its condition map, what the metric compares with, the caption."""
 
     truth: np.ndarray  # (64, 64, 3) uint8
-    condition_map: np.ndarray  # (64, 64, 3) uint8
-    reference: Any  # the condition map, or the exact OpenPose JSON dict for pose
+    condition_map: np.ndarray  # (64, 64, 3) uint8; inpaint (64, 64, 4), alpha 0 where masked
+    reference: Any  # the condition map, the exact OpenPose JSON dict for pose, the truth for tile and shuffle
     prompt: str
+    options: dict[str, Any] = field(default_factory=dict)  # more `generate` options (inpaint: init image, mask)
 
 
 @dataclass
@@ -63,10 +74,10 @@ class ConditionRun:
     seconds: float
 
 
-def condition_annotator(condition: str, metadata: Any) -> Callable[[Any], Any]:
+def condition_annotator(condition: str, metadata: Any, case: int | None = None) -> Callable[[Any], Any]:
     """The annotator that turns toy-world images into `condition` maps as the demo ControlNet saw them, and that
-    re-annotates generated images: the metadata's preprocessor, or the toy-world estimator for depth, normal and
-    pose."""
+    re-annotates generated images: the metadata's preprocessor (for `case`, with its `CASE_PARAMETERS`), or the
+    toy-world estimator for depth, normal and pose."""
     if condition in EXACT_CONDITIONS:
         from controlkit.demo.estimator import GeometryAnnotator, load_estimator
         from controlkit.demo.models import geometry_path
@@ -74,7 +85,8 @@ def condition_annotator(condition: str, metadata: Any) -> Callable[[Any], Any]:
         return GeometryAnnotator(load_estimator(geometry_path()), condition)
     from preprocessors.registry import checkpoint_preprocessor
 
-    return checkpoint_preprocessor(condition, metadata)
+    overrides = CASE_PARAMETERS[condition](case) if case is not None and condition in CASE_PARAMETERS else None
+    return checkpoint_preprocessor(condition, metadata, overrides)
 
 
 def held_out_render(condition: str, index: int, *, seed: int = DEMO_SEED) -> ToyScene:
@@ -103,22 +115,30 @@ def exact_map(condition: str, render: ToyScene) -> np.ndarray | None:
 
 
 def demo_cases(condition: str, count: int, annotate: Callable[[Any], Any] | None = None, *,
-               seed: int = DEMO_SEED) -> list[DemoCase]:
+               seed: int = DEMO_SEED, metadata: Any = None) -> list[DemoCase]:
     """`count` held-out toy-world inputs for `condition` (`held_out_render`): pose, depth and normal maps are the
-    renderer's ground truth (`exact_map`); canny, lineart and softedge maps come from `annotate` (see
-    `condition_annotator`)."""
+    renderer's ground truth (`exact_map`); the others come from `annotate` (see `condition_annotator`), or for
+    the `CASE_PARAMETERS` conditions from the `metadata`'s preprocessor with each case's parameters. Inpaint cases
+    repaint their map's masked region of the truth (`DemoCase.options`)."""
     from controlkit.demo.toyworld.world import pose_json
+    from controlkit.image import MASK_ALPHA
 
-    if condition not in EXACT_CONDITIONS and annotate is None:
+    if condition not in EXACT_CONDITIONS and condition not in CASE_PARAMETERS and annotate is None:
         raise ValueError(f"{condition} inputs are annotated: pass `annotate` (condition_annotator)")
     cases = []
     for index in range(count):
         render = held_out_render(condition, index, seed=seed)
         drawn = exact_map(condition, render)
         if drawn is None:
-            drawn = np.asarray(annotate(render.image))
-        reference = pose_json(render) if condition == "pose" else drawn
-        cases.append(DemoCase(render.image, drawn, reference, render.caption))
+            annotator = condition_annotator(condition, metadata, index) if condition in CASE_PARAMETERS else annotate
+            drawn = np.asarray(annotator(render.image))
+        reference = pose_json(render) if condition == "pose" else render.image if condition in TRUTH_REFERENCES \
+            else drawn
+        options = {}
+        if drawn.shape[2] == 4:  # the inpaint map: its hole is the mask, white where repainted
+            mask = np.where(drawn[..., 3] < MASK_ALPHA, 255, 0).astype(np.uint8)
+            options = {"init_image": render.image, "mask": mask, "strength": 1.0}
+        cases.append(DemoCase(render.image, drawn, reference, render.caption, options))
     return cases
 
 
@@ -138,11 +158,11 @@ def run_condition(base: Any, condition: str, count: int, *, steps: int = DEMO_ST
     if controlnet is None:
         controlnet, metadata = load_demo_controlnet(condition, unet=base.unet)
     annotate = condition_annotator(condition, metadata)
-    cases = demo_cases(condition, count, annotate)
+    cases = demo_cases(condition, count, annotate, metadata=metadata)
     controlled, uncontrolled = [], []
     for index, case in enumerate(cases):
         controls = [Control(case.condition_map, controlnet, **(control_options or {}))]
-        options = dict(generate_options or {})
+        options = {**(generate_options or {}), **case.options}
         controlled.append(_generate(base, case.prompt, controls, steps, guidance, seed + index, options))
         uncontrolled.append(_generate(base, case.prompt, [], steps, guidance, seed + index, options))
     references = [case.reference for case in cases]
@@ -191,7 +211,7 @@ def contact_sheet(runs: Sequence[ConditionRun], path: str | Path, *, zoom: int =
     for run in runs:
         cells = []
         for case, on, off in zip(run.cases, run.controlled, run.uncontrolled):
-            four = np.concatenate([case.condition_map, on, off, case.truth], axis=1)
+            four = np.concatenate([shown_map(case.condition_map), on, off, case.truth], axis=1)
             cells.append(np.kron(four, np.ones((zoom, zoom, 1), np.uint8)))
             cells.append(np.full((side, SHEET_GAP, 3), 255, np.uint8))
         band = np.full((side, SHEET_BAND, 3), 255, np.uint8)
@@ -207,6 +227,15 @@ def contact_sheet(runs: Sequence[ConditionRun], path: str | Path, *, zoom: int =
     return path
 
 
+def shown_map(condition_map: np.ndarray) -> np.ndarray:
+    """A condition map as the contact sheet shows it, RGB (H, W, 3): a masked region (inpaint) in black."""
+    from controlkit.image import MASK_ALPHA
+
+    if condition_map.shape[2] == 3:
+        return condition_map
+    return np.where(condition_map[..., 3:] < MASK_ALPHA, 0, condition_map[..., :3]).astype(np.uint8)
+
+
 def table_rows(runs: Sequence[ConditionRun]) -> list[dict[str, Any]]:
     """One JSON-able row per condition: metric, direction, value with and without control, per-image values."""
     rows = []
@@ -219,6 +248,7 @@ def table_rows(runs: Sequence[ConditionRun]) -> list[dict[str, Any]]:
             "images": len(run.cases), "seconds": round(run.seconds, 1),
             "per_image_with_control": [round(value, 4) for value in on.per_image],
             "per_image_control_off": [round(value, 4) for value in off.per_image],
+            **({"extra": {"with_control": on.extra, "control_off": off.extra}} if on.extra else {}),
         })
     return rows
 
