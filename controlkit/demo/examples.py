@@ -2,7 +2,7 @@
 preprocessor -> `Control` -> `generate` -> save.
 
 - `parse_args(condition, description, argv)`: the standard flags (IMAGE, --base, --controlnet, --set KEY=VALUE,
-  --prompt, --seed, --steps, --guidance, --toy-seed, -o).
+  --prompt, --seed, --steps, --guidance, --toy-seed, -o), and a script's own (`extra_flags`).
 - `load_models(condition, args)`: the embedded demo base and demo ControlNet, or --base and --controlnet.
 - `load_input(condition, args)`: the input image at the size to generate at, with its prompt (`ExampleInput`).
 - `save_panels(images, path)`: the images side by side in one PNG.
@@ -44,8 +44,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Shows defaults and keeps the description's and epilog's lines as written."""
 
 
-def parse_args(condition: str, description: str | None, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(condition: str, description: str | None, argv: Sequence[str] | None = None, *,
+               extra_flags: Callable[[argparse.ArgumentParser], Any] | None = None) -> argparse.Namespace:
     """The standard flags of examples/<condition>.py; `args.params` is the --set dict (JSON values, else text).
+    `extra_flags(parser)` adds a script's own flags (e.g. inpaint's --mask) after the standard ones.
 
     Raises:
         ConfigError: --base without --controlnet (or the reverse), or a --set item that is not KEY=VALUE.
@@ -58,7 +60,8 @@ def parse_args(condition: str, description: str | None, argv: Sequence[str] | No
                                      formatter_class=_HelpFormatter)
     parser.add_argument("image", nargs="?", help="your image; default: a toy render (demo) or a bundled photo")
     parser.add_argument("--base", help="a Stable Diffusion base (diffusers folder or single file)")
-    parser.add_argument("--controlnet", help=f"a {condition} ControlNet for that base (folder or file)")
+    article = "an" if condition[0] in "aeiou" else "a"
+    parser.add_argument("--controlnet", help=f"{article} {condition} ControlNet for that base (folder or file)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="params",
                         help="preprocessor parameter (repeatable), e.g. --set low_threshold=50")
     parser.add_argument("--prompt", help="default: the toy render's caption; '' for your image with the demo "
@@ -68,6 +71,8 @@ def parse_args(condition: str, description: str | None, argv: Sequence[str] | No
     parser.add_argument("--guidance", type=float, default=DEMO_GUIDANCE, help="classifier-free guidance scale")
     parser.add_argument("--toy-seed", type=int, default=3, help="which held-out toy render is the default input")
     parser.add_argument("-o", "--output", default=f"out/examples/{condition}.png", help="output PNG")
+    if extra_flags is not None:
+        extra_flags(parser)
     args = parser.parse_args(argv)
     if (args.base is None) != (args.controlnet is None):
         raise ConfigError("--base and --controlnet go together (leave both out to use the demo models)")
