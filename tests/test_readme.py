@@ -1,5 +1,5 @@
 """The README's own examples work as written on the shipped demo models: every ```python block runs in a fresh
-folder holding the files it names (a small photo.jpg, a.png, b.png), and every `controlkit generate` command on
+folder holding the files it names (a small photo.jpg, a.png, b.png, a toy scene.png and its mask.png), and every `controlkit generate` command on
 `--base demo` runs through the command line. Only blocks that need what a test cannot have are skipped, each
 with its reason."""
 
@@ -50,6 +50,12 @@ def folder(tmp_path, monkeypatch):
     Image.fromarray(photo).save(tmp_path / "photo.jpg")
     for name in ("a.png", "b.png"):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+    from controlkit.demo.toyworld.world import render_scene
+
+    Image.fromarray(render_scene(5).image).save(tmp_path / "scene.png")  # the inpainting command's image
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 20:44] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
