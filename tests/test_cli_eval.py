@@ -79,9 +79,9 @@ def test_eval_is_deterministic_and_prints_one_line(models, data, capsys):
 
 
 def test_eval_errors_are_one_line_with_exit_status_1(models, data, tmp_path, capsys):
-    assert main(["eval", "--base", str(models / "base"), "--controlnet", f"shuffle={models / 'canny'}",
+    assert main(["eval", "--base", str(models / "base"), "--controlnet", f"segment={models / 'canny'}",
                  "--data", str(data), *ARGS]) == 1
-    assert "no controllability metric for condition 'shuffle'" in capsys.readouterr().err
+    assert "no controllability metric for condition 'segment'" in capsys.readouterr().err
     assert main(["eval", "--base", str(tmp_path / "nothing"), "--controlnet", f"canny={models / 'canny'}",
                  "--data", str(data), *ARGS]) == 1
     assert "no such file or folder" in capsys.readouterr().err

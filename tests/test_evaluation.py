@@ -114,7 +114,7 @@ def test_no_usable_pair_gives_no_metric_and_lists_them(base, control, pairs):
 
 
 def test_bad_condition_or_parameters_fail_before_generating(base, control, pairs):
-    with pytest.raises(ConfigError, match="no controllability metric for condition 'shuffle'"):
-        evaluate_controlnet(base, control, "shuffle", pairs, **SETTINGS)
+    with pytest.raises(ConfigError, match="no controllability metric for condition 'segment'"):
+        evaluate_controlnet(base, control, "segment", pairs, **SETTINGS)
     with pytest.raises(ConfigError, match="preprocessor 'canny': Unknown parameter"):
         evaluate_controlnet(base, control, "canny", pairs[2:], preprocessor_params={"bogus": 1}, **SETTINGS)

@@ -62,7 +62,7 @@ def test_demo_short_names_resolve_to_the_shipped_folders(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("name", "kind", "message"),
-    [("demo:scribble", "controlnet", "'demo:scribble' is not a demo ControlNet; the demo ControlNets are demo:canny"),
+    [("demo:mlsd", "controlnet", "'demo:mlsd' is not a demo ControlNet; the demo ControlNets are demo:canny"),
      ("demo", "controlnet", "the demo ControlNets are demo:canny"),
      ("demo:canny", "base", "demo:canny is a demo ControlNet, not a base; the demo base is 'demo'")],
 )
