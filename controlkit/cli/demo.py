@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="annotate, generate under six trained ControlNets and measure controllability, offline",
+        help="annotate, generate under ten trained ControlNets and measure controllability, offline",
         description=__doc__.split("\n\n", 1)[1],
         epilog=EPILOG,
         formatter_class=HelpFormatter,
