@@ -216,3 +216,26 @@ def test_a_bad_option_exits_1_with_one_line_before_loading(files, tmp_path, caps
 def test_every_error_is_a_controlkit_error(base, controlnet):
     with pytest.raises(ControlkitError):
         upscale(base, b"not an image", PROMPT, controlnet)
+
+
+def test_the_demo_tile_controlnet_keeps_the_content_that_img2img_alone_loses():
+    """32 -> 64 pixels on held-out toy scenes, strength 0.75, with the demo tile ControlNet and without: SSIM to
+    the 64-pixel truth. Measured on 8 scenes: 0.846 with it, 0.627 without (a Lanczos resize alone: 0.944, the
+    demo VAE's softness bounds what any 64-pixel generation keeps)."""
+    import cv2
+
+    from controlkit.demo.models import load_demo_base, load_demo_controlnet
+    from controlkit.demo.toyworld.world import render_scene
+    from training.image_metrics import image_ssim
+
+    base = load_demo_base()
+    tile, _ = load_demo_controlnet("tile", unet=base.unet)
+    with_tile, without = [], []
+    for index in range(4):
+        scene = render_scene((7, 100 + index))
+        small = cv2.resize(scene.image, (32, 32), interpolation=cv2.INTER_AREA)
+        result = upscale(base, small, scene.caption, tile, scale=2.0, seed=index, strength=0.75)
+        plain = generate(base, scene.caption, [], init_image=resize_up(small, (64, 64)), strength=0.75, seed=index)
+        with_tile.append(image_ssim(np.asarray(result.image), scene.image))
+        without.append(image_ssim(np.asarray(plain.images[0]), scene.image))
+    assert np.mean(with_tile) > np.mean(without) + 0.1, (with_tile, without)
