@@ -99,16 +99,13 @@ def start_inpainting(
         text_embeds: the prompt embeddings (their device and dtype are the run's).
     """
     import torch
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
     from controlkit.control import condition_tensor
     from controlkit.masks import repainted
+    from controlkit.sampling import run_timesteps
 
     device, dtype = text_embeds.device, text_embeds.dtype
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device)
-    timesteps, remaining = pipe.get_timesteps(steps, strength, device)
-    if remaining < 1:
-        raise ConfigError(f"`strength` {strength} with {steps} steps leaves no step to run; raise either")
+    timesteps = run_timesteps(pipe, steps, strength)
     height, width = init.shape[:2]
     channels = pipe.vae.config.latent_channels
     concatenate = check_unet_channels(pipe.unet, channels)

@@ -41,7 +41,6 @@ from controlkit.control import (
 )
 from controlkit.controlnet import check_fits
 from controlkit.errors import CheckpointError, ConfigError
-from controlkit.inpainting import check_masking, start_inpainting
 from controlkit.generation_options import (
     GenerationWarning,
     check_generation_options,
@@ -52,8 +51,9 @@ from controlkit.generation_options import (
     output_size,
     size_note,
 )
+from controlkit.inpainting import check_masking, start_inpainting
 from controlkit.pixels import decode, pixel_vae
-from controlkit.sampling import MAX_STEPS
+from controlkit.sampling import MAX_STEPS, run_timesteps
 from controlkit.sd_pipelines import pipeline_from_components
 from controlkit.sd_pipelines import load_base, quiet_loading  # noqa: F401  public here too (controlkit.load_base)
 
@@ -300,17 +300,12 @@ def _start(
     num_images: int, text_embeds: torch.Tensor, generator: torch.Generator,
 ) -> tuple[Any, torch.Tensor]:
     """Timesteps to run and the starting latents: noise (text-to-image) or the noised init image (img2img)."""
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-
     device, dtype = text_embeds.device, text_embeds.dtype
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device)
+    timesteps = run_timesteps(pipe, steps, None if init is None else strength)
     width, height = size
     if init is None:
         channels = pipe.unet.config.in_channels
         return timesteps, pipe.prepare_latents(num_images, channels, height, width, dtype, device, generator)
-    timesteps, remaining = pipe.get_timesteps(steps, strength, device)
-    if remaining < 1:
-        raise ConfigError(f"`strength` {strength} with {steps} steps leaves no step to run; raise either")
     pixels = condition_tensor(fit_image(init, size, resize_mode)) * 2.0 - 1.0  # the VAE takes [-1, 1]
     pixels = pixels.expand(num_images, -1, -1, -1)  # a view: one image keeps diffusers' memory layout (and bits)
     start = timesteps[:1].repeat(num_images)

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
     from controlkit.conditioning import Conditioning
-    from controlkit.inpainting import Masking
 
 #: Scheduler names -> (diffusers class, config overrides). Each is built with `from_config` from the base's
 #: scheduler config, so the base's noise schedule (betas, prediction type) is kept.
@@ -58,6 +57,22 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     return getattr(diffusers, class_name).from_config(base_config, **overrides)
 
 
+def run_timesteps(pipe: Any, steps: int, strength: float | None = None) -> Any:
+    """The timesteps a run goes through: all `steps` of `pipe.scheduler` (set on it), or with `strength` (img2img,
+    inpainting) the last `strength` fraction of them, as diffusers' pipelines take them; ConfigError when that
+    leaves none."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    device = pipe.unet.device
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device)
+    if strength is None:
+        return timesteps
+    timesteps, remaining = pipe.get_timesteps(steps, strength, device)
+    if remaining < 1:
+        raise ConfigError(f"`strength` {strength} with {steps} steps leaves no step to run; raise either")
+    return timesteps
+
+
 def denoise(
     unet: UNet2DConditionModel,
     scheduler: Any,
@@ -69,7 +84,7 @@ def denoise(
     guidance_scale: float,
     step_kwargs: dict[str, Any],
     on_step: Callable[[int, int], None] | None = None,
-    masking: Masking | None = None,
+    masking: Any = None,
 ) -> torch.Tensor:
     """Run the denoising steps and return the final latents.
 
@@ -81,8 +96,8 @@ def denoise(
         controls: prepared controls (their residuals are summed into the U-Net's skips).
         step_kwargs: extra `scheduler.step` arguments (eta, generator) from diffusers' `prepare_extra_step_kwargs`.
         on_step: called as on_step(steps done, steps in all) after each step (a progress bar).
-        masking: inpainting (`controlkit.inpainting`): the mask and masked latents join an inpainting U-Net's
-            input, and a plain base's kept region is blended back after each step.
+        masking: inpainting (a `controlkit.inpainting.Masking`, which imports this module): the mask and masked
+            latents join an inpainting U-Net's input, and a plain base's kept region is blended back after each step.
     """
     import torch
 
