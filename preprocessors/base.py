@@ -27,6 +27,7 @@ from controlkit.image import (
     ImageInput,
     check_working_size,
     image_name,
+    load_condition,
     load_image,
     reference_size,
     resize_image,
@@ -91,13 +92,14 @@ class Preprocessor(abc.ABC):
         return to_pil(self._finish(condition, target))
 
     def load_input(self, image: ImageInput, output_size: tuple[int, int] | None = None) -> np.ndarray:
-        """`load_image(image)` (RGB uint8 (H, W, 3)), after checking that what this preprocessor will make of it
-        (its detect-resolution image, a map of `output_size` = (width, height)) is within bounds.
+        """`load_image(image)` (RGB uint8 (H, W, 3); an entry that `takes_mask` reads it with `load_condition`,
+        keeping a masked region as (H, W, 4)), after checking that what this preprocessor will make of it (its
+        detect-resolution image, a map of `output_size` = (width, height)) is within bounds.
 
         Raises:
             ImageError: one line naming the input: unreadable, or a working size out of bounds.
         """
-        rgb = load_image(image)
+        rgb = (load_condition if self.takes_mask else load_image)(image)
         name = image_name(image)
         if self.detect_resolution is not None:
             size = reference_size((rgb.shape[1], rgb.shape[0]), self.detect_resolution)

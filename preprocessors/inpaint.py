@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from controlkit.image import ImageInput, check_working_size, image_name, load_condition, to_pil
+from controlkit.image import ImageInput, to_pil
 from preprocessors.base import Preprocessor
 
 
@@ -51,18 +51,11 @@ class InpaintPreprocessor(Preprocessor):
 
         if isinstance(image, (list, tuple)):
             return [self(item, output_size=output_size, mask=mask) for item in image]
-        pixels = self.load_input(image, output_size)
+        pixels = self.load_input(image, output_size)  # RGBA when the input has transparent (masked) pixels
         size = (pixels.shape[1], pixels.shape[0])
         masked = None if mask is None else repainted(load_mask(mask, size))
         condition = self.masked_map(pixels, masked)
         return to_pil(self._finish(condition, output_size or size))
-
-    def load_input(self, image: ImageInput, output_size: tuple[int, int] | None = None) -> np.ndarray:
-        """The input as `load_condition` reads it: RGB, or RGBA when it has transparent (masked) pixels."""
-        pixels = load_condition(image)
-        if output_size is not None:
-            check_working_size(output_size, image_name(image), made_by="the requested output_size")
-        return pixels
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         return self.masked_map(image, None)
